@@ -1,0 +1,31 @@
+"""mplus_fast: fast, faithful inference for M+ and MemoryLLM.
+
+    import mplus_fast
+    model = mplus_fast.load("path/to/checkpoint")          # upstream Hugging Face layout
+    model.inject_memory(context_ids, update_memory=True)     # write into the memory
+    out = model(input_ids)                                   # .logits, .ltm_indices, .ltm_provenance
+    ids = model.generate(input_ids, max_new_tokens=32)
+    model.save_pretrained("path/to/out")                     # memory included, reload continues exactly
+"""
+from __future__ import annotations
+
+from mplus_fast.checkpoint import CheckpointError
+from mplus_fast.config import ConfigError, MPlusConfig
+from mplus_fast.model import MPlus, MPlusOutput
+
+__version__ = "0.1.0"
+
+
+def load(path, *, device="cpu", dtype=None, backend: str = "reference", seed: int | None = None,
+         age_mode: str = "inference") -> MPlus:
+    """Load an M+ or MemoryLLM checkpoint (upstream layout, single-file or sharded safetensors).
+
+    device: where weights and memory live ("cpu", "cuda", ...). dtype: compute dtype (default
+    float32 on CPU, bfloat16 on CUDA). backend: "reference" (pure PyTorch, the parity truth).
+    seed: seeds the model's generator (memory drops, sampling). age_mode: "inference" (reference
+    parity) or "training" (ages the STM before each drop, as the reference's training code does).
+    """
+    return MPlus.from_pretrained(path, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode)
+
+
+__all__ = ["load", "MPlus", "MPlusOutput", "MPlusConfig", "ConfigError", "CheckpointError", "__version__"]

@@ -1,0 +1,257 @@
+"""`MPlus`: the public model, mirroring the reference API (forward, inject_memory, generate,
+save_pretrained) on top of a backend that does the arithmetic.
+
+The model owns: the config, the fixed weights (in the compute dtype on the compute device), the
+memory state, the RoPE state, and one random generator from which every random choice (memory
+drops, sampling) is drawn, so a seeded run is reproducible and survives save → reload.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mplus_fast.checkpoint import OURS, load_checkpoint, write_checkpoint
+from mplus_fast.config import MPlusConfig
+from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord, apply_update
+from mplus_fast.rope import RotaryEmbedding
+from mplus_fast.weights import Weights
+
+BACKENDS = ("reference",)
+
+
+@dataclass
+class MPlusOutput:
+    logits: torch.Tensor                      # (B, n, V) float32
+    ltm_indices: tuple[torch.Tensor, ...]     # per layer (B, R'): retrieved rows, placement order
+    ltm_provenance: tuple[torch.Tensor, ...]  # per layer (B, R'): injection id of each retrieved row (-1: from the checkpoint)
+
+    def recalled_injections(self, layer: int | None = None, batch: int = 0) -> dict[int, int]:
+        """How many retrieved rows came from each injection id (one layer, or all layers)."""
+        layers = range(len(self.ltm_provenance)) if layer is None else [layer]
+        counts: dict[int, int] = {}
+        for l in layers:
+            for i in self.ltm_provenance[l][batch].tolist():
+                counts[i] = counts.get(i, 0) + 1
+        return counts
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class MPlus:
+    """An M+ (or MemoryLLM) model with its memory. Create with `mplus_fast.load(path)`."""
+
+    def __init__(self, config: MPlusConfig, tensors: dict[str, torch.Tensor], *, device="cpu", dtype=None,
+                 backend: str = "reference", seed: int | None = None, age_mode: str = "inference",
+                 generation_config: dict | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not available (choose from {list(BACKENDS)})")
+        if age_mode not in AGE_MODES:
+            raise ValueError(f"age_mode={age_mode!r} is not one of {list(AGE_MODES)}")
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype or _default_dtype(self.device)
+        if not self.dtype.is_floating_point:
+            raise TypeError(f"dtype={self.dtype} is not a floating-point dtype")
+        self.age_mode = age_mode
+        self.generation_config = dict(generation_config or {})
+        cast = lambda t: t.to(device=self.device, dtype=self.dtype)
+        self.weights = Weights.from_tensors(config, tensors).map(cast)
+        # bf16/fp16 parity: the reference casts RoPE's inverse frequencies along with the model.
+        self.rope = RotaryEmbedding(config, round_inv_freq_to=None if self.dtype == torch.float32 else self.dtype)
+        self.state = self._state_from_tensors(tensors)
+        self.generator = torch.Generator(device="cpu")
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(int(seed))
+        if f"{OURS}generator_state" in tensors:
+            self.generator.set_state(tensors[f"{OURS}generator_state"].to(torch.uint8))
+        if f"{OURS}rope_cached_len" in tensors:
+            self.rope.load_state({"inv_freq": tensors[f"{OURS}rope_inv_freq"], "cached_len": int(tensors[f"{OURS}rope_cached_len"])})
+        self.backend_name = backend
+        from mplus_fast.backends.reference import ReferenceBackend
+        self.backend = ReferenceBackend(self)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=None, backend: str = "reference",
+                        seed: int | None = None, age_mode: str = "inference") -> "MPlus":
+        config, tensors = load_checkpoint(path)
+        gen_path = Path(path) / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        return cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode, generation_config=gen)
+
+    def _state_from_tensors(self, t: dict[str, torch.Tensor]) -> MemoryState:
+        c, dev, dt = self.config, self.device, self.dtype
+        L, N = c.num_hidden_layers, c.stm_size
+        i64 = dict(dtype=torch.int64, device=dev)
+        get = lambda name, default: t[name] if name in t else default
+        st = MemoryState(
+            stm=t["memory"].to(dev, dt),
+            stm_ages=torch.stack([get(f"memory_ages.{i}", torch.zeros(N)).to(**i64) for i in range(L)]),
+            stm_prov=get(f"{OURS}stm_provenance", torch.full((L, N), -1)).to(**i64),
+            update_step=int(get("update_step", torch.tensor(0))),
+            next_injection_id=int(get(f"{OURS}next_injection_id", torch.tensor(0))),
+            initialized=bool(int(get("initialized", torch.tensor(1)))),
+        )
+        if not c.is_mplus:
+            return st
+        s = c.selector_hidden_dim
+        for i in range(L):
+            n = t[f"ltm.{i}"].shape[0]
+            st.ltm.append(t[f"ltm.{i}"].to(dev, dt))
+            st.ltm_keys.append(t[f"ltm_keys.{i}"].to(dev, dt))
+            st.ltm_ages.append(t[f"ltm_ages.{i}"].to(torch.int64).to(dev))  # stored as floats: truncate
+            st.ltm_rf.append(t[f"ltm_recall_frequencies.{i}"].to(dev, torch.float64))
+            st.ltm_prov.append(get(f"{OURS}ltm_provenance.{i}", torch.full((n,), -1)).to(**i64))
+            st.pend.append(get(f"cached_dropped_memories.{i}", torch.zeros(0, c.hidden_size)).to(dev, dt))
+            st.pend_keys.append(get(f"cached_dropped_keys.{i}", torch.zeros(0, s)).to(dev, dt))
+            c_len = st.pend[-1].shape[0]
+            st.pend_ages.append(get(f"cached_dropped_memory_ages.{i}", torch.zeros(c_len)).to(**i64))
+            st.pend_prov.append(get(f"{OURS}pending_provenance.{i}", torch.full((c_len,), -1)).to(**i64))
+        return st
+
+    # ------------------------------------------------------------------ input checks
+    def _check_ids(self, ids, name: str) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise ValueError(f"{name} must be 1-D (n,) or 2-D (batch, n), got shape {tuple(ids.shape)}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): at least one token is needed")
+        if ids.device != self.device:
+            raise ValueError(f"{name} is on {ids.device} but the model is on {self.device}; move it with .to({str(self.device)!r})")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        return ids.long()
+
+    def _check_mask(self, mask, ids: torch.Tensor, name: str = "attention_mask") -> torch.Tensor:
+        if mask is None:
+            return torch.ones_like(ids, dtype=torch.bool)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dim() == 1:
+            mask = mask[None]
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"{name} has shape {tuple(mask.shape)} but the ids have shape {tuple(ids.shape)}")
+        if mask.device != self.device:
+            raise ValueError(f"{name} is on {mask.device} but the model is on {self.device}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must hold only 0 and 1")
+        valid = mask.bool()
+        if not bool(valid.any(1).all()):
+            raise ValueError(f"{name}: row {int((~valid.any(1)).nonzero()[0])} has no real token")
+        # Left padding: once a row has a real token, every later token is real.
+        if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
+            raise ValueError(f"{name} must be left-padded (zeros only before the first real token)")
+        return valid
+
+    # ------------------------------------------------------------------ reading
+    @torch.inference_mode()
+    def __call__(self, input_ids, attention_mask=None) -> MPlusOutput:
+        return self.forward(input_ids, attention_mask)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, attention_mask=None) -> MPlusOutput:
+        """Plain forward over the memory (SPEC §3): float32 logits for every input position."""
+        ids = self._check_ids(input_ids, "input_ids")
+        valid = self._check_mask(attention_mask, ids)
+        res = self.backend.read(ids, valid)
+        return MPlusOutput(res.logits, tuple(res.ltm_indices), tuple(res.ltm_provenance))
+
+    # ------------------------------------------------------------------ writing
+    @torch.inference_mode()
+    def inject_memory(self, context_ids, update_memory: bool = False, attention_mask=None) -> torch.Tensor:
+        """Encode a context into T new memory tokens per layer (B, L, T, d); with
+        `update_memory=True` also write them into the memory (SPEC §5). A batch is injected one
+        sequence after another, in order (padding stripped), exactly as separate calls would."""
+        ids = self._check_ids(context_ids, "context_ids")
+        valid = self._check_mask(attention_mask, ids)
+        deltas = []
+        for b in range(ids.shape[0]):
+            delta = self.backend.inject(ids[b][valid[b]])
+            if update_memory:
+                self.last_update = self._update(delta)
+            deltas.append(delta)
+        return torch.stack(deltas)
+
+    def _update(self, delta: torch.Tensor) -> UpdateRecord:
+        """Apply one update to a copy of the state, then swap it in: an error cannot leave a half-updated memory."""
+        new_state = self.state.clone()
+        record = apply_update(new_state, self.config, delta, self.generator, self.backend.retrieval_keys, self.age_mode)
+        self.state = new_state
+        return record
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        """Greedy or sampled continuation; returns prompt + new tokens (B, n + new). See
+        `mplus_fast.generation.generate` for the options."""
+        from mplus_fast.generation import generate
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything `save_pretrained` writes: upstream names plus `mplus_fast.` extras."""
+        c, st = self.config, self.state
+        out = dict(self.weights.to_tensors(c))
+        out["memory"] = st.stm
+        out["update_step"] = torch.tensor(st.update_step, dtype=torch.int64)
+        if not c.is_mplus:
+            out["initialized"] = torch.tensor(int(st.initialized), dtype=torch.uint8)
+        out[f"{OURS}stm_provenance"] = st.stm_prov
+        out[f"{OURS}next_injection_id"] = torch.tensor(st.next_injection_id, dtype=torch.int64)
+        out[f"{OURS}generator_state"] = self.generator.get_state()
+        rope = self.rope.state()
+        out[f"{OURS}rope_inv_freq"], out[f"{OURS}rope_cached_len"] = rope["inv_freq"], torch.tensor(rope["cached_len"])
+        for i in range(c.num_hidden_layers):
+            out[f"memory_ages.{i}"] = st.stm_ages[i]
+            if not c.is_mplus:
+                continue
+            out[f"ltm.{i}"], out[f"ltm_keys.{i}"] = st.ltm[i], st.ltm_keys[i]
+            out[f"ltm_ages.{i}"] = st.ltm_ages[i].to(torch.float32)  # upstream stores ages as floats
+            out[f"ltm_recall_frequencies.{i}"] = st.ltm_rf[i].to(torch.float32)
+            out[f"cached_dropped_memories.{i}"], out[f"cached_dropped_keys.{i}"] = st.pend[i], st.pend_keys[i]
+            out[f"cached_dropped_memory_ages.{i}"] = st.pend_ages[i]
+            out[f"{OURS}ltm_provenance.{i}"], out[f"{OURS}pending_provenance.{i}"] = st.ltm_prov[i], st.pend_prov[i]
+        return out
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> Path:
+        extra = {"generation_config.json": json.dumps(self.generation_config, indent=2) + "\n"} if self.generation_config else None
+        cfg = MPlusConfig.from_dict({**self.config.to_dict(), "torch_dtype": str(self.dtype).replace("torch.", "")})
+        return write_checkpoint(path, cfg, self.state_tensors(), extra, max_shard_size)
+
+    # ------------------------------------------------------------------ introspection
+    def memory_stats(self) -> dict:
+        c, st = self.config, self.state
+        stats = {
+            "architecture": c.architecture,
+            "backend": self.backend_name,
+            "stm_tokens_per_layer": c.stm_size,
+            "ltm_tokens_per_layer": st.ltm_sizes(),
+            "ltm_retrieved_per_layer": c.ltm_retrieved,
+            "pending_tokens": st.pending_len(),
+            "update_step": st.update_step,
+            "merge_every_tokens": c.update_ltm_frequency * c.num_tokens if c.is_mplus else None,
+            "injections": st.next_injection_id,
+            "initialized": st.initialized,
+            "memory_bytes_by_device": st.bytes_by_device(),
+            "weight_bytes": self.weights.nbytes(),
+        }
+        return stats
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"MPlus({c.architecture}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"stm={c.stm_size}, R={c.ltm_retrieved}, ltm={self.state.ltm_sizes()[:1]}..., "
+                f"device={self.device}, dtype={self.dtype}, backend={self.backend_name})")
