@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mplus_fast
+from mplus_fast.testing import make_random_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: one number per comparison, printed by failing asserts."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"parity fixtures not found at {FIXTURES}")
+    return FIXTURES
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path) -> Path:
+    return make_random_checkpoint(tmp_path / "tiny", seed=3)
+
+
+@pytest.fixture
+def tiny_model(tiny_ckpt):
+    return mplus_fast.load(tiny_ckpt, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    """Session-cached random checkpoints keyed by their config overrides."""
+    cache: dict[str, Path] = {}
+
+    def make(seed: int = 0, ltm_size: int | None = None, **config) -> Path:
+        key = repr((seed, ltm_size, sorted(config.items())))
+        if key not in cache:
+            cache[key] = make_random_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=seed, ltm_size=ltm_size, **config)
+        return cache[key]
+
+    return make
