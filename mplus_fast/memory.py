@@ -152,6 +152,16 @@ def apply_update(state: MemoryState, config: MPlusConfig, delta: torch.Tensor, g
     return record
 
 
+def prune_decision(rf: torch.Tensor, R: int, decay: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decay recall frequencies; survivors (rf > 0.01) are kept only if more than R remain,
+    otherwise the decay is undone and nothing is removed. Returns (new rf, survivors or None)."""
+    decayed = rf - decay
+    survivors = torch.nonzero(decayed > 0.01).flatten()
+    if survivors.numel() > R:
+        return decayed[survivors], survivors
+    return decayed + decay, None
+
+
 def merge_pending(state: MemoryState, config: MPlusConfig) -> list[int]:
     """Move the pending buffer into the LTM, decay recall frequencies, prune (SPEC §5)."""
     R, decay = config.ltm_retrieved, float(config.decay_frequency)
@@ -163,14 +173,10 @@ def merge_pending(state: MemoryState, config: MPlusConfig) -> list[int]:
         keys = torch.cat([state.ltm_keys[l], state.pend_keys[l].to(state.ltm_keys[l].dtype)])
         ages = torch.cat([state.ltm_ages[l], state.pend_ages[l]])
         prov = torch.cat([state.ltm_prov[l], state.pend_prov[l]])
-        rf = torch.cat([state.ltm_rf[l], rf_new]) - decay
-        survivors = torch.nonzero(rf > 0.01).flatten()
-        if survivors.numel() > R:
-            pruned.append(ltm.shape[0] - survivors.numel())
-            ltm, keys, ages, prov, rf = ltm[survivors], keys[survivors], ages[survivors], prov[survivors], rf[survivors]
-        else:  # pruning would leave too few tokens to retrieve: undo the decay
-            pruned.append(0)
-            rf = rf + decay
+        rf, survivors = prune_decision(torch.cat([state.ltm_rf[l], rf_new]), R, decay)
+        pruned.append(0 if survivors is None else ltm.shape[0] - survivors.numel())
+        if survivors is not None:
+            ltm, keys, ages, prov = ltm[survivors], keys[survivors], ages[survivors], prov[survivors]
         state.ltm[l], state.ltm_keys[l], state.ltm_ages[l], state.ltm_prov[l], state.ltm_rf[l] = ltm, keys, ages, prov, rf
         state.pend[l] = state.pend[l][:0]
         state.pend_keys[l] = state.pend_keys[l][:0]

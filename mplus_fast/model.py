@@ -15,11 +15,10 @@ import torch
 
 from mplus_fast.checkpoint import OURS, load_checkpoint, write_checkpoint
 from mplus_fast.config import MPlusConfig
-from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord, apply_update
+from mplus_fast.backends import BACKENDS, make_backend
+from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord
 from mplus_fast.rope import RotaryEmbedding
 from mplus_fast.weights import Weights
-
-BACKENDS = ("reference",)
 
 
 @dataclass
@@ -63,7 +62,7 @@ class MPlus:
         self.weights = Weights.from_tensors(config, tensors).map(cast)
         # bf16/fp16 parity: the reference casts RoPE's inverse frequencies along with the model.
         self.rope = RotaryEmbedding(config, round_inv_freq_to=None if self.dtype == torch.float32 else self.dtype)
-        self.state = self._state_from_tensors(tensors)
+        state = self._state_from_tensors(tensors)
         self.generator = torch.Generator(device="cpu")
         if seed is None:
             self.generator.seed()
@@ -74,8 +73,8 @@ class MPlus:
         if f"{OURS}rope_cached_len" in tensors:
             self.rope.load_state({"inv_freq": tensors[f"{OURS}rope_inv_freq"], "cached_len": int(tensors[f"{OURS}rope_cached_len"])})
         self.backend_name = backend
-        from mplus_fast.backends.reference import ReferenceBackend
-        self.backend = ReferenceBackend(self)
+        self.last_update: UpdateRecord | None = None
+        self.backend = make_backend(backend, self, state)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -187,11 +186,13 @@ class MPlus:
         return torch.stack(deltas)
 
     def _update(self, delta: torch.Tensor) -> UpdateRecord:
-        """Apply one update to a copy of the state, then swap it in: an error cannot leave a half-updated memory."""
-        new_state = self.state.clone()
-        record = apply_update(new_state, self.config, delta, self.generator, self.backend.retrieval_keys, self.age_mode)
-        self.state = new_state
-        return record
+        return self.backend.update(delta)
+
+    @property
+    def state(self) -> MemoryState:
+        """The memory in the reference layout (logical STM order, per-layer LTM and pending tensors).
+        With the fast backend this is a materialised snapshot: read it, do not mutate it."""
+        return self.backend.memory_state()
 
     # ------------------------------------------------------------------ generation
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -245,7 +246,7 @@ class MPlus:
             "merge_every_tokens": c.update_ltm_frequency * c.num_tokens if c.is_mplus else None,
             "injections": st.next_injection_id,
             "initialized": st.initialized,
-            "memory_bytes_by_device": st.bytes_by_device(),
+            "memory_bytes_by_device": self.backend.memory_bytes_by_device(),
             "weight_bytes": self.weights.nbytes(),
         }
         return stats

@@ -40,7 +40,12 @@ def _config_dict(overrides: dict) -> dict:
     return raw
 
 
-def random_tensors(config: MPlusConfig, seed: int = 0, ltm_size: int | None = None) -> dict[str, torch.Tensor]:
+def random_tensors(config: MPlusConfig, seed: int = 0, ltm_size: int | None = None,
+                   weight_std: float | None = None) -> dict[str, torch.Tensor]:
+    """Random tensors for every name of the layout. Linear weights are N(0, 1/fan_in) by default
+    (lively outputs), or N(0, weight_std²): small weights (e.g. 0.02, Llama's initializer_range)
+    keep the memory write → read → write loop contractive, so two backends whose float32
+    roundings differ stay together over hundreds of injections instead of diverging chaotically."""
     g = torch.Generator().manual_seed(seed)
     t: dict[str, torch.Tensor] = {}
     for name, shape in expected_weight_shapes(config).items():
@@ -51,8 +56,8 @@ def random_tensors(config: MPlusConfig, seed: int = 0, ltm_size: int | None = No
         elif name == "bos_embedding":
             t[name] = torch.randn(shape, generator=g)
         else:
-            fan_in = shape[-1]
-            t[name] = torch.randn(shape, generator=g) / fan_in ** 0.5
+            std = weight_std if weight_std is not None else shape[-1] ** -0.5
+            t[name] = torch.randn(shape, generator=g) * std
     L, d = config.num_hidden_layers, config.hidden_size
     t["memory"] = torch.randn(L, config.stm_size, d, generator=g)
     if config.is_mplus:
@@ -67,14 +72,15 @@ def random_tensors(config: MPlusConfig, seed: int = 0, ltm_size: int | None = No
     return t
 
 
-def make_random_checkpoint(path, seed: int = 0, ltm_size: int | None = None, **config) -> Path:
+def make_random_checkpoint(path, seed: int = 0, ltm_size: int | None = None, weight_std: float | None = None,
+                           **config) -> Path:
     """Write a random checkpoint (upstream layout, float32) to `path`; keyword args override the
     tiny default config (e.g. hidden_size=1024, num_hidden_layers=8, rope_scaling={...})."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     raw = _config_dict(dict(config))
     cfg = MPlusConfig.from_dict(dict(raw))
-    save_file({k: v.contiguous() for k, v in random_tensors(cfg, seed, ltm_size).items()}, str(path / "model.safetensors"),
+    save_file({k: v.contiguous() for k, v in random_tensors(cfg, seed, ltm_size, weight_std).items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": raw.get("bos_token_id"), "eos_token_id": raw.get("eos_token_id")}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from mplus_fast import layers as F_
-from mplus_fast.memory import MemoryState
+from mplus_fast.memory import MemoryState, UpdateRecord, apply_update
 from mplus_fast.profiling import nvtx_range
 from mplus_fast.retrieval import select_ltm_rows
 from mplus_fast.rope import apply_rope
@@ -27,6 +27,18 @@ class KVCache:
     valid: list[torch.Tensor]    # per layer (B, capacity) bool
     next_pos: torch.Tensor       # (B,) int64 RoPE position of the next token
 
+    def add_layer(self, k, v, key_valid, extra: int) -> None:
+        """Append one layer's prefill keys/values with room for `extra` decoded tokens."""
+        B, H, S, D = k.shape
+        kc, vc = k.new_zeros(B, H, S + extra, D), v.new_zeros(B, H, S + extra, D)
+        kc[:, :, :S], vc[:, :, :S] = k, v
+        valid = torch.zeros(B, S + extra, dtype=torch.bool, device=k.device)
+        valid[:, :S] = key_valid
+        self.k.append(kc)
+        self.v.append(vc)
+        self.valid.append(valid)
+        self.length.append(S)
+
 
 @dataclass
 class ReadResult:
@@ -39,8 +51,22 @@ class ReadResult:
 class ReferenceBackend:
     name = "reference"
 
-    def __init__(self, model):
+    def __init__(self, model, state: MemoryState):
         self.m = model
+        self.state = state
+
+    def memory_state(self) -> MemoryState:
+        return self.state
+
+    def memory_bytes_by_device(self) -> dict:
+        return self.state.bytes_by_device()
+
+    def update(self, delta: torch.Tensor) -> UpdateRecord:
+        """Apply one update to a copy of the state, then swap it in: an error cannot leave a half-updated memory."""
+        new_state = self.state.clone()
+        record = apply_update(new_state, self.cfg, delta, self.m.generator, self.retrieval_keys, self.m.age_mode)
+        self.state = new_state
+        return record
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -87,7 +113,7 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------ reading (§3)
     def read(self, ids: torch.Tensor, valid: torch.Tensor, *, cache_extra: int | None = None, last_only: bool = False) -> ReadResult:
-        m, c, st = self.m, self.cfg, self.m.state
+        m, c, st = self.m, self.cfg, self.state
         B, n = ids.shape
         dev = ids.device
         adapter = reading_adapter(c)
@@ -125,23 +151,10 @@ class ReferenceBackend:
                 out = F_.attention(q, k, v, mask)
                 x = self._finish_layer(layer, x, out, adapter)
                 if cache is not None:
-                    self._store(cache, k, v, key_valid, cache_extra)
+                    cache.add_layer(k, v, key_valid, cache_extra)
         x = F_.rms_norm(x[:, -1:] if last_only else x, m.weights.final_norm, c.rms_norm_eps)
         logits = torch.nn.functional.linear(x, m.weights.lm_head).float()
         return ReadResult(logits, all_idx, all_prov, cache)
-
-    @staticmethod
-    def _store(cache: KVCache, k, v, key_valid, extra: int):
-        B, H, S, D = k.shape
-        kc = k.new_zeros(B, H, S + extra, D)
-        vc = v.new_zeros(B, H, S + extra, D)
-        kc[:, :, :S], vc[:, :, :S] = k, v
-        valid = torch.zeros(B, S + extra, dtype=torch.bool, device=k.device)
-        valid[:, :S] = key_valid
-        cache.k.append(kc)
-        cache.v.append(vc)
-        cache.valid.append(valid)
-        cache.length.append(S)
 
     # ------------------------------------------------------------------ decoding (§4)
     def decode_step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
@@ -169,7 +182,7 @@ class ReferenceBackend:
     # ------------------------------------------------------------------ writing (§5)
     def inject(self, ids: torch.Tensor) -> torch.Tensor:
         """New memory (L, T, d) from one context ids (m,) (no padding), memory unchanged."""
-        m, c, st = self.m, self.cfg, self.m.state
+        m, c, st = self.m, self.cfg, self.state
         T, mlen = c.num_tokens, ids.shape[0]
         adapter = writing_adapter(c)
         dev = ids.device

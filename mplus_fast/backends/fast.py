@@ -1,0 +1,444 @@
+"""The fast backend: memory kept as cached keys/values (PERF.md levers 1, 2, 4, 5).
+
+Memory tokens only ever contribute keys and values, and those are row-wise functions of the
+stored hidden states under fixed adapters, so they are computed once:
+- STM: decoder-adapter K (before RoPE) and V of every STM token, computed when the token enters
+  the STM. The STM lives in *physical slots*: an update writes the T new tokens into the slots of
+  the T dropped ones (O(T·d)) and only the small `order` index (logical position → slot) changes.
+  Attention over a fully visible prefix does not care about row order, so keys are used in slot
+  order with RoPE at each slot's logical position (R + 1 + logical index); the rotated STM keys
+  are cached until the next update.
+- Injection prefix: the encoder-adapter K/V of [bos | last T STM tokens] at positions 0..T,
+  cached until the next update; an injection projects only its own tokens.
+- LTM bank and pending buffer: pre-RoPE K/V rows (gathered per prompt, rotated on load at
+  positions 1..R), retrieval keys, ages, recall frequencies, provenance, in growable row buffers
+  (append in place, compact at merges). Hidden states are kept only for `save_pretrained`
+  (upstream layout), on the CPU: n_l × d × dtype bytes per layer.
+Weights: each adapter merged into fused projections (QKV, gate|up), so a forward is a few GEMMs.
+The memory state in the reference layout (`memory_state()`) is materialised on demand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mplus_fast import layers as L_
+from mplus_fast.backends.reference import KVCache, ReadResult
+from mplus_fast.memory import MemoryState, UpdateRecord, prune_decision, randperm_split, tile_to
+from mplus_fast.profiling import nvtx_range
+from mplus_fast.retrieval import cyclic_indices
+from mplus_fast.rope import apply_rope
+from mplus_fast.rowbuffer import RowBuffer
+from mplus_fast.weights import reading_adapter, writing_adapter
+
+
+@dataclass
+class FusedLayer:
+    """One layer's projections for one adapter, merged (W + scale·B·A) and fused."""
+    wqkv: torch.Tensor   # (q_out + 2 kv_out, d)
+    wo: torch.Tensor     # (d, q_out)
+    wgu: torch.Tensor    # (2 inter, d)
+    wd: torch.Tensor     # (d, inter)
+
+
+def fuse_layer(layer, adapter) -> FusedLayer:
+    p = layer.proj
+    wqkv = torch.cat([p["q_proj"].effective_weight(adapter), p["k_proj"].effective_weight(adapter), p["v_proj"].effective_weight(adapter)])
+    wgu = torch.cat([p["gate_proj"].effective_weight(adapter), p["up_proj"].effective_weight(adapter)])
+    return FusedLayer(wqkv, layer.o_proj, wgu, p["down_proj"].effective_weight(adapter))
+
+
+class Bank:
+    """Rows of one layer's LTM bank (or pending buffer), one RowBuffer per field."""
+
+    def __init__(self, kv_shape, d, s, dtype, device, hidden_device="cpu"):
+        self.kv = RowBuffer(kv_shape, dtype, device)            # (2, Hkv, D): pre-RoPE K and V
+        self.keys = RowBuffer((s,), dtype, device)              # retrieval keys
+        self.ages = RowBuffer((), torch.int64, device)
+        self.prov = RowBuffer((), torch.int64, device)
+        self.rf = RowBuffer((), torch.float64, device)          # LTM only
+        self.hidden = RowBuffer((d,), dtype, hidden_device)     # for save_pretrained only
+
+    def __len__(self):
+        return len(self.kv)
+
+    def append(self, kv, keys, ages, prov, hidden, rf=None):
+        self.kv.append(kv)
+        self.keys.append(keys)
+        self.ages.append(ages)
+        self.prov.append(prov)
+        self.hidden.append(hidden)
+        if rf is not None:
+            self.rf.append(rf)
+
+    def buffers(self):
+        return [self.kv, self.keys, self.ages, self.prov, self.hidden] + ([self.rf] if len(self.rf) else [])
+
+    def keep(self, survivors):
+        for b in self.buffers():
+            b.keep(survivors)
+
+    def clear(self):
+        for b in self.buffers():
+            b.clear()
+
+    def nbytes_by_device(self, out: dict):
+        for b in self.buffers():
+            out[str(b.device)] = out.get(str(b.device), 0) + b.nbytes()
+
+
+class FastBackend:
+    name = "fast"
+
+    def __init__(self, model, state: MemoryState):
+        self.m = model
+        c = model.config
+        self.cfg = c
+        self.hkv, self.hd = c.num_key_value_heads, c.head_dim
+        self.q_out, self.kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        dec, enc = reading_adapter(c), writing_adapter(c)
+        self.dec = [fuse_layer(l, dec) for l in model.weights.layers]
+        self.enc = [fuse_layer(l, enc) for l in model.weights.layers] if enc != dec else self.dec
+        self.ltm_device = model.device
+        # bos keys/values at position 0 (RoPE at 0 is the identity), per adapter: fixed for good.
+        self.bos_dec = [self._kv_rows(l, model.weights.bos[l][None], self.dec) for l in range(c.num_hidden_layers)]
+        self.bos_enc = [self._kv_rows(l, model.weights.bos[l][None], self.enc) for l in range(c.num_hidden_layers)]
+        self.load_state(state)
+
+    # ------------------------------------------------------------------ projections
+    def _norm(self, l, x):
+        return L_.rms_norm(x, self.m.weights.layers[l].input_norm, self.cfg.rms_norm_eps)
+
+    def _kv_rows(self, l, rows, fused) -> torch.Tensor:
+        """(k, 2, Hkv, D): pre-RoPE K and V of memory rows (k, d) under an adapter."""
+        kv = F.linear(self._norm(l, rows), fused[l].wqkv[self.q_out:])
+        return kv.view(rows.shape[0], 2, self.hkv, self.hd)
+
+    def retrieval_keys(self, l: int, rows: torch.Tensor) -> torch.Tensor:
+        layer = self.m.weights.layers[l]
+        return L_.selector(layer.selectors["key_proj"], self._norm(l, rows), self.cfg.hidden_act)
+
+    def _layer_rest(self, l, fused, residual, attn):
+        """o_proj + residual + MLP: what follows attention in a layer."""
+        c = self.cfg
+        x = residual + F.linear(L_.merge_heads(attn), fused.wo)
+        h = L_.rms_norm(x, self.m.weights.layers[l].post_norm, c.rms_norm_eps)
+        gate, up = F.linear(h, fused.wgu).chunk(2, dim=-1)
+        return x + F.linear(L_.ACT[c.hidden_act](gate) * up, fused.wd)
+
+    def _split_qkv(self, qkv):
+        q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], dim=-1)
+        return (L_.split_heads(q, self.cfg.num_attention_heads, self.hd), L_.split_heads(k, self.hkv, self.hd),
+                L_.split_heads(v, self.hkv, self.hd))
+
+    # ------------------------------------------------------------------ state in / out
+    def load_state(self, st: MemoryState) -> None:
+        c, dev, dt = self.cfg, self.m.device, self.m.dtype
+        Lh, N = c.num_hidden_layers, c.stm_size
+        self.stm_h = st.stm.to(dev, dt).clone()                             # (L, N, d) physical slots
+        self.order = torch.arange(N, device=dev).repeat(Lh, 1)               # logical -> slot
+        self.stm_ages, self.stm_prov = st.stm_ages.clone().to(dev), st.stm_prov.clone().to(dev)  # by slot
+        self.stm_kv = torch.stack([self._kv_rows(l, self.stm_h[l], self.dec) for l in range(Lh)])  # (L, N, 2, Hkv, D)
+        self.update_step, self.next_injection_id, self.initialized = st.update_step, st.next_injection_id, st.initialized
+        self.bank, self.pend = [], []
+        if c.is_mplus:
+            shape = (2, self.hkv, self.hd)
+            for l in range(Lh):
+                b = Bank(shape, c.hidden_size, c.selector_hidden_dim, dt, self.ltm_device)
+                b.append(self._kv_rows(l, st.ltm[l].to(dev, dt), self.dec), st.ltm_keys[l], st.ltm_ages[l], st.ltm_prov[l], st.ltm[l].to(dt), st.ltm_rf[l])
+                p = Bank(shape, c.hidden_size, c.selector_hidden_dim, dt, self.ltm_device)
+                p.append(self._kv_rows(l, st.pend[l].to(dev, dt), self.dec), st.pend_keys[l], st.pend_ages[l], st.pend_prov[l], st.pend[l].to(dt))
+                self.bank.append(b)
+                self.pend.append(p)
+        self._dirty()
+
+    def _dirty(self):
+        self._stm_rot = None          # (inv_freq, k_rot (L, Hkv, N, D), v (L, Hkv, N, D))
+        self._enc_prefix = [None] * self.cfg.num_hidden_layers
+        self._snapshot = None
+
+    def memory_state(self) -> MemoryState:
+        if self._snapshot is not None:
+            return self._snapshot
+        c = self.cfg
+        idx = self.order
+        st = MemoryState(stm=torch.stack([self.stm_h[l, idx[l]] for l in range(c.num_hidden_layers)]),
+                         stm_ages=torch.gather(self.stm_ages, 1, idx), stm_prov=torch.gather(self.stm_prov, 1, idx),
+                         update_step=self.update_step, next_injection_id=self.next_injection_id, initialized=self.initialized)
+        dev, dt = self.m.device, self.m.dtype
+        for b, p in zip(self.bank, self.pend):
+            st.ltm.append(b.hidden.live.to(dev, dt).clone())
+            st.ltm_keys.append(b.keys.live.clone())
+            st.ltm_ages.append(b.ages.live.clone())
+            st.ltm_rf.append(b.rf.live.clone())
+            st.ltm_prov.append(b.prov.live.clone())
+            st.pend.append(p.hidden.live.to(dev, dt).clone())
+            st.pend_keys.append(p.keys.live.clone())
+            st.pend_ages.append(p.ages.live.clone())
+            st.pend_prov.append(p.prov.live.clone())
+        self._snapshot = st
+        return st
+
+    def memory_bytes_by_device(self) -> dict:
+        out: dict[str, int] = {}
+        for t in (self.stm_h, self.order, self.stm_ages, self.stm_prov, self.stm_kv):
+            out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
+        for b in self.bank + self.pend:
+            b.nbytes_by_device(out)
+        return out
+
+    # ------------------------------------------------------------------ cached prefixes
+    def _stm_rotated(self, inv_freq):
+        """STM keys rotated to positions R+1+logical (slot order), cached until the STM or
+        the RoPE frequencies change."""
+        if self._stm_rot is not None and torch.equal(self._stm_rot[0], inv_freq):
+            return self._stm_rot[1], self._stm_rot[2]
+        c = self.cfg
+        pos = torch.empty_like(self.order)
+        pos.scatter_(1, self.order, torch.arange(c.stm_size, device=self.order.device).expand_as(self.order))
+        pos = pos + c.ltm_retrieved + 1                                       # (L, N) position of each slot
+        k = self.stm_kv[:, :, 0].permute(0, 2, 1, 3)                           # (L, Hkv, N, D)
+        v = self.stm_kv[:, :, 1].permute(0, 2, 1, 3).contiguous()
+        k_rot = apply_rope(k, pos, inv_freq).contiguous()
+        self._stm_rot = (inv_freq.clone(), k_rot, v)
+        return k_rot, v
+
+    def _injection_prefix(self, l, inv_freq):
+        """Encoder-adapter K/V (post-RoPE) of [bos | last T STM tokens] at positions 0..T."""
+        cached = self._enc_prefix[l]
+        if cached is not None and torch.equal(cached[0], inv_freq):
+            return cached[1], cached[2]
+        T = self.cfg.num_tokens
+        rows = self.stm_h[l, self.order[l, -T:]]
+        kv = torch.cat([self.bos_enc[l], self._kv_rows(l, rows, self.enc)])  # (1+T, 2, Hkv, D)
+        k = kv[:, 0].transpose(0, 1)[None]                                     # (1, Hkv, 1+T, D)
+        v = kv[:, 1].transpose(0, 1)[None]
+        k = apply_rope(k, torch.arange(T + 1, device=k.device), inv_freq)
+        self._enc_prefix[l] = (inv_freq.clone(), k, v)
+        return k, v
+
+    # ------------------------------------------------------------------ retrieval
+    def _retrieve(self, l, h, valid):
+        """(B, R') indices in placement order over [bank; pending], and the gathered K/V rows."""
+        c = self.cfg
+        R, B = c.ltm_retrieved, h.shape[0]
+        if R == 0 or len(self.bank[l]) == 0:
+            return torch.empty(B, 0, dtype=torch.int64, device=h.device)
+        bank, pend = self.bank[l], self.pend[l]
+        n_l = len(bank)
+        if n_l < R:
+            idx = cyclic_indices(n_l, R).to(h.device).expand(B, R)
+        else:
+            layer = self.m.weights.layers[l]
+            queries = L_.selector(layer.selectors["query_proj"], h, c.hidden_act)     # (B, n, s)
+            scores = masked_mean_sigmoid(queries, valid, bank.keys.live, pend.keys.live)  # (B, n_l + c)
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :R]
+            idx = order.sort(dim=1).values
+        ages = torch.cat([bank.ages.live, pend.ages.live]) if len(pend) else bank.ages.live
+        by_age = torch.sort(-ages.to(idx.device)[idx], dim=1, stable=True).indices
+        return torch.gather(idx, 1, by_age)
+
+    def _gather_kv(self, l, idx):
+        """K/V rows (B, R, 2, Hkv, D) for indices over [bank; pending]."""
+        bank, pend = self.bank[l], self.pend[l]
+        n_l = len(bank)
+        if len(pend) == 0:
+            rows = bank.kv.live[idx.to(bank.kv.device)]
+        else:
+            in_bank = idx < n_l
+            rows = torch.where(in_bank[..., None, None, None], bank.kv.live[idx.clamp(max=n_l - 1)],
+                               pend.kv.live[(idx - n_l).clamp(min=0)])
+        return rows.to(self.m.device, non_blocking=True)
+
+    def _provenance(self, l, idx):
+        bank, pend = self.bank[l], self.pend[l]
+        prov = torch.cat([bank.prov.live, pend.prov.live]) if len(pend) else bank.prov.live
+        return prov[idx.to(prov.device)].cpu()
+
+    # ------------------------------------------------------------------ reading
+    def read(self, ids, valid, *, cache_extra: int | None = None, last_only: bool = False) -> ReadResult:
+        m, c = self.m, self.cfg
+        B, n = ids.shape
+        dev = ids.device
+        R = c.ltm_retrieved
+        use_memory = self.initialized
+        P = c.read_prefix_len if use_memory else 0
+        in_pos = P + (valid.long().cumsum(1) - 1).clamp(min=0)
+        inv_freq = m.rope.inv_freq_for(int(in_pos.max()))
+        stm_k, stm_v = self._stm_rotated(inv_freq) if use_memory else (None, None)
+        ltm_pos = torch.arange(1, R + 1, device=dev)
+        x = m.weights.embed[ids]
+        cache = KVCache([], [], [], [], in_pos[:, -1] + 1) if cache_extra is not None else None
+        all_idx, all_prov = [], []
+        for l in range(c.num_hidden_layers):
+            with nvtx_range(f"fast.read.layer{l}"):
+                fused = self.dec[l]
+                h = self._norm(l, x)
+                q, k_t, v_t = self._split_qkv(F.linear(h, fused.wqkv))
+                q, k_t = apply_rope(q, in_pos, inv_freq), apply_rope(k_t, in_pos, inv_freq)
+                if use_memory:
+                    idx = self._retrieve(l, h, valid)
+                    bos = self.bos_dec[l]
+                    k_pre = [bos[:, 0].transpose(0, 1)[None].expand(B, -1, -1, -1)]
+                    v_pre = [bos[:, 1].transpose(0, 1)[None].expand(B, -1, -1, -1)]
+                    if idx.numel():
+                        rows = self._gather_kv(l, idx)                                  # (B, R, 2, Hkv, D)
+                        k_pre.append(apply_rope(rows[:, :, 0].transpose(1, 2), ltm_pos, inv_freq))
+                        v_pre.append(rows[:, :, 1].transpose(1, 2))
+                    k_pre.append(stm_k[l][None].expand(B, -1, -1, -1))
+                    v_pre.append(stm_v[l][None].expand(B, -1, -1, -1))
+                    all_idx.append(idx.cpu())
+                    all_prov.append(self._provenance(l, idx) if idx.numel() else idx.cpu())
+                else:
+                    k_pre, v_pre = [], []
+                    all_idx.append(torch.empty(B, 0, dtype=torch.int64))
+                    all_prov.append(torch.empty(B, 0, dtype=torch.int64))
+                k = torch.cat(k_pre + [k_t], dim=2)
+                v = torch.cat(v_pre + [v_t], dim=2)
+                p_len = k.shape[2] - n
+                key_valid = torch.cat([torch.ones(B, p_len, dtype=torch.bool, device=dev), valid], dim=1)
+                attn = attention(q, k, v, L_.prefix_causal_mask(n, p_len, key_valid, dev))
+                x = self._layer_rest(l, fused, x, attn)
+                if cache is not None:
+                    cache.add_layer(k, v, key_valid, cache_extra)
+        x = L_.rms_norm(x[:, -1:] if last_only else x, m.weights.final_norm, c.rms_norm_eps)
+        return ReadResult(F.linear(x, m.weights.lm_head).float(), all_idx, all_prov, cache)
+
+    def decode_step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        m, c = self.m, self.cfg
+        pos = cache.next_pos[:, None]
+        inv_freq = m.rope.inv_freq_for(int(pos.max()))
+        x = m.weights.embed[tokens][:, None]
+        for l in range(c.num_hidden_layers):
+            fused = self.dec[l]
+            q, k, v = self._split_qkv(F.linear(self._norm(l, x), fused.wqkv))
+            q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+            s = cache.length[l]
+            cache.k[l][:, :, s:s + 1], cache.v[l][:, :, s:s + 1] = k, v
+            cache.valid[l][:, s] = True
+            cache.length[l] = s + 1
+            attn = attention(q, cache.k[l][:, :, : s + 1], cache.v[l][:, :, : s + 1], cache.valid[l][:, None, None, : s + 1])
+            x = self._layer_rest(l, fused, x, attn)
+        cache.next_pos = cache.next_pos + 1
+        x = L_.rms_norm(x[:, 0], m.weights.final_norm, c.rms_norm_eps)
+        return F.linear(x, m.weights.lm_head).float()
+
+    # ------------------------------------------------------------------ writing
+    def inject(self, ids: torch.Tensor) -> torch.Tensor:
+        """New memory (L, T, d) from one context (m,). Queried rows: the last T−m STM tokens
+        (when m < T) then the context; the rest of [bos | last T STM] is the cached prefix."""
+        m, c = self.m, self.cfg
+        T, mlen = c.num_tokens, ids.shape[0]
+        lead = max(T - mlen, 0)               # STM rows that are queried (only when m < T)
+        p_len = 1 + T - lead                  # = 1 + min(T, m)
+        inv_freq = m.rope.inv_freq_for(T + mlen)
+        q_pos = torch.arange(p_len, T + mlen + 1, device=ids.device)
+        x = m.weights.embed[ids][None]
+        deltas = []
+        for l in range(c.num_hidden_layers):
+            with nvtx_range(f"fast.inject.layer{l}"):
+                fused = self.enc[l]
+                k_pre, v_pre = self._injection_prefix(l, inv_freq)
+                rows = x
+                if lead:  # a short context: the last `lead` STM tokens are queried too
+                    rows = torch.cat([self.stm_h[l, self.order[l, c.stm_size - lead:]][None].to(x.dtype), x], dim=1)
+                rows = torch.cat([rows[:, :-T], rows[:, -T:] + m.weights.new_memory_pos], dim=1)
+                q, k_t, v_t = self._split_qkv(F.linear(self._norm(l, rows), fused.wqkv))
+                q, k_t = apply_rope(q, q_pos, inv_freq), apply_rope(k_t, q_pos, inv_freq)
+                k = torch.cat([k_pre[:, :, :p_len], k_t], dim=2)
+                v = torch.cat([v_pre[:, :, :p_len], v_t], dim=2)
+                attn = attention(q, k, v, L_.prefix_causal_mask(rows.shape[1], p_len, None, ids.device))
+                y = self._layer_rest(l, fused, rows, attn)
+                deltas.append(y[0, -T:])
+                x = y[:, -mlen:]
+        return torch.stack(deltas)
+
+    def update(self, delta: torch.Tensor) -> UpdateRecord:
+        """SPEC §5 on the slotted layout. Everything new is computed before anything is
+        written, so an error leaves the memory as it was."""
+        c, gen = self.cfg, self.m.generator
+        Lh, T, _ = delta.shape
+        N = c.stm_size
+        delta = delta.to(self.stm_h.dtype)
+        inj = self.next_injection_id
+        if not self.initialized:
+            stm = torch.stack([tile_to(delta[l], N) for l in range(Lh)])
+            kv = torch.stack([self._kv_rows(l, stm[l], self.dec) for l in range(Lh)])
+            self.stm_h, self.stm_kv = stm, kv
+            self.order = torch.arange(N, device=stm.device).repeat(Lh, 1)
+            self.stm_ages.zero_()
+            self.stm_prov.fill_(inj)
+            self.initialized, self.next_injection_id = True, inj + 1
+            self._dirty()
+            return UpdateRecord(inj, torch.empty(Lh, 0, dtype=torch.int64), False, [0] * Lh)
+        training = self.m.age_mode == "training"
+        draws = [randperm_split(N, T, gen) for _ in range(Lh)]
+        new_kv = torch.stack([self._kv_rows(l, delta[l], self.dec) for l in range(Lh)])
+        slots = torch.stack([self.order[l, d.to(self.order.device)] for l, (_, d) in enumerate(draws)])   # (L, T)
+        dropped = [self.stm_h[l, slots[l]] for l in range(Lh)]
+        dropped_ages = torch.gather(self.stm_ages, 1, slots) + (T if training else 0)
+        dropped_keys = [self.retrieval_keys(l, dropped[l]) for l in range(Lh)] if c.is_mplus else None
+        dropped_kv = [self.stm_kv[l, slots[l]] for l in range(Lh)]
+        dropped_prov = torch.gather(self.stm_prov, 1, slots)
+        # ---- mutate (no failure expected past this point)
+        self.next_injection_id = inj + 1
+        if training:
+            self.stm_ages += T
+        new_ages = torch.arange(T - 1, -1, -1, device=self.stm_ages.device)
+        for l, (keep, _) in enumerate(draws):
+            self.stm_h[l, slots[l]] = delta[l]
+            self.stm_kv[l, slots[l]] = new_kv[l]
+            self.stm_ages[l, slots[l]] = new_ages
+            self.stm_prov[l, slots[l]] = inj
+            self.order[l] = torch.cat([self.order[l, keep.to(self.order.device)], slots[l]])
+        record = UpdateRecord(inj, torch.stack([d for _, d in draws]), False, [0] * Lh)
+        self._dirty()
+        if not c.is_mplus:
+            return record
+        for l in range(Lh):
+            self.bank[l].ages.live.add_(T)
+            self.pend[l].ages.live.add_(T)
+            self.pend[l].append(dropped_kv[l], dropped_keys[l], dropped_ages[l], dropped_prov[l], dropped[l])
+        self.update_step += T
+        if self.update_step >= c.update_ltm_frequency * T:
+            record.merged, record.pruned = True, self._merge()
+        return record
+
+    def _merge(self) -> list[int]:
+        c = self.cfg
+        pruned = []
+        for b, p in zip(self.bank, self.pend):
+            rf_new = torch.full((len(p),), float(c.initial_rf_when_moving_stm_to_ltm), dtype=torch.float64, device=b.rf.device)
+            b.append(p.kv.live, p.keys.live, p.ages.live, p.prov.live, p.hidden.live, rf_new)
+            rf, survivors = prune_decision(b.rf.live, c.ltm_retrieved, float(c.decay_frequency))
+            if survivors is not None:
+                pruned.append(len(b) - survivors.numel())
+                b.keep(survivors)
+            else:
+                pruned.append(0)
+            b.rf.live.copy_(rf)
+            p.clear()
+        self.update_step = 0
+        return pruned
+
+
+# ---------------------------------------------------------------------- kernels (PyTorch)
+def masked_mean_sigmoid(queries, valid, keys, extra, chunk: int = 16384) -> torch.Tensor:
+    """(B, M + E) mean over valid queries of sigmoid(q·k), chunked over keys so the n × M
+    matrix is never whole; accumulated in float32."""
+    w = valid.to(torch.float32)
+    w = w / w.sum(1, keepdim=True)                                   # (B, n)
+    outs = []
+    for block in (keys, extra):
+        for start in range(0, block.shape[0], chunk):
+            kb = block[start: start + chunk].to(queries.device, queries.dtype)
+            s = torch.sigmoid((queries @ kb.T).float())               # (B, n, chunk)
+            outs.append(torch.einsum("bnk,bn->bk", s, w))
+    return torch.cat(outs, dim=1)
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention with a boolean mask (True = attend), float32 softmax inside SDPA."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

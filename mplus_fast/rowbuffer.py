@@ -1,0 +1,66 @@
+"""Row buffers with amortised growth: append and compact without re-concatenating.
+
+The pending buffer and the LTM bank only ever grow by appending rows (a few hundred per
+injection) and shrink by compaction at merges. Re-concatenating them each time, as the reference
+does, copies the whole bank per injection; here a buffer keeps spare capacity (doubling), so an
+append copies only the new rows, and a compaction gathers survivors in place.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class RowBuffer:
+    """A (capacity, *row_shape) tensor of which the first `len` rows are live."""
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype, device, capacity: int = 0, pin: bool = False):
+        self.row_shape, self.dtype, self.device, self.pin = tuple(row_shape), dtype, torch.device(device), pin
+        self.len = 0
+        self.data = self._alloc(max(capacity, 0))
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        t = torch.empty((capacity, *self.row_shape), dtype=self.dtype, device=self.device)
+        if self.pin and self.device.type == "cpu" and torch.cuda.is_available():
+            t = t.pin_memory()
+        return t
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor, device=None, dtype=None, pin: bool = False, spare: int = 0) -> "RowBuffer":
+        buf = cls(tuple(t.shape[1:]), dtype or t.dtype, device or t.device, t.shape[0] + spare, pin)
+        buf.append(t)
+        return buf
+
+    def __len__(self) -> int:
+        return self.len
+
+    @property
+    def live(self) -> torch.Tensor:
+        return self.data[: self.len]
+
+    def reserve(self, capacity: int) -> None:
+        if capacity <= self.data.shape[0]:
+            return
+        new = self._alloc(max(capacity, 2 * self.data.shape[0], 16))
+        new[: self.len] = self.data[: self.len]
+        self.data = new
+
+    def append(self, rows: torch.Tensor) -> None:
+        if tuple(rows.shape[1:]) != self.row_shape:
+            raise ValueError(f"rows of shape {tuple(rows.shape[1:])} do not fit a buffer of rows {self.row_shape}")
+        k = rows.shape[0]
+        self.reserve(self.len + k)
+        self.data[self.len: self.len + k] = rows.to(self.device, self.dtype)
+        self.len += k
+
+    def keep(self, survivors: torch.Tensor) -> None:
+        """Compact to the rows `survivors` (ascending indices into the live rows), in place."""
+        idx = survivors.to(self.device)
+        kept = self.data.index_select(0, idx)
+        self.data[: kept.shape[0]] = kept
+        self.len = kept.shape[0]
+
+    def clear(self) -> None:
+        self.len = 0
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
