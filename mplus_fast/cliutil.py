@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -29,7 +30,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
             # CheckpointError and ConfigError are ValueErrors with messages that name the culprit.
-            err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(2)
     return wrapper
 

@@ -23,6 +23,7 @@ from rich.table import Table
 
 import mplus_fast
 from mplus_fast.cliutil import CLIError, Timer, console, decode, encode, fmt_bytes, load_tokenizer, peak_rss_bytes
+from mplus_fast.generation import resolve_eos
 from mplus_fast.testing import make_random_checkpoint
 
 # Small enough for ~25 ms per injection on one CPU core; every M+ mechanism still happens
@@ -131,6 +132,9 @@ def ask(model, prompt: torch.Tensor, new_tokens: int) -> dict:
     with Timer(model.device) as t_gen:
         gen = model.generate(ids, max_new_tokens=new_tokens)
     new = gen[0, ids.shape[1]:].tolist()
+    eos = set(resolve_eos(model, None))
+    stop = next((i for i, t in enumerate(new) if t in eos), None)
+    new = new if stop is None else new[: stop + 1]  # drop the padding after EOS
     recalled = sorted(out.recalled_injections().items(), key=lambda kv: (-kv[1], kv[0]))
     return dict(recalled=recalled, new=new, prefill_s=t_pre.s, gen_s=t_gen.s)
 
