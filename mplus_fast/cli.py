@@ -59,7 +59,8 @@ def demo(
     question: Optional[List[str]] = typer.Option(None, help="A question to ask after injection (repeatable; with --tokenizer)."),
     new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt."),
     table_every: int = typer.Option(0, help="A memory-growth table row every K chunks (0: about 10 rows)."),
-    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    seed: int = typer.Option(0, help="Seeds the random demo checkpoint's weights, the synthetic text and the model's generator."),
+    device: str = DEVICE, dtype: Optional[str] = DTYPE,
     threads: int = _threads(1, "the demo model is tiny, one thread is fastest"),
 ):
     """Stream many chunks into the memory, watch STM/LTM grow and merge, then prompt and show recall, output, timings."""

@@ -159,8 +159,8 @@ def run_demo(ckpt: str | None, tokenizer: str | None, chunks: int, seed: int, de
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tok is not None and ckpt is None:
         raise CLIError("--tokenizer needs --ckpt: the built-in demo model has random weights and its own 512-token vocabulary")
-    if doc is not None and tok is None:
-        raise CLIError("--doc needs --ckpt and --tokenizer")
+    if (doc is not None or questions) and tok is None:
+        raise CLIError("--doc and --question need --ckpt and --tokenizer")
     created = False
     t_make = Timer()
     if ckpt is None:
