@@ -161,6 +161,8 @@ def run_demo(ckpt: str | None, tokenizer: str | None, chunks: int, seed: int, de
         raise CLIError("--tokenizer needs --ckpt: the built-in demo model has random weights and its own 512-token vocabulary")
     if (doc is not None or questions) and tok is None:
         raise CLIError("--doc and --question need --ckpt and --tokenizer")
+    if tok is None and chunks < 1:
+        raise CLIError(f"--chunks {chunks} must be at least 1")
     created = False
     t_make = Timer()
     if ckpt is None:
@@ -189,8 +191,6 @@ def run_demo(ckpt: str | None, tokenizer: str | None, chunks: int, seed: int, de
         stream = Stream(list(torch.split(doc_ids, T)), model.state.next_injection_id)
         prompts = [(q, encode(tok, q), None) for q in (questions or DEFAULT_QUESTIONS)]
     else:
-        if chunks < 1:
-            raise CLIError(f"--chunks {chunks} must be at least 1")
         g = torch.Generator().manual_seed(seed)
         text = torch.randint(0, c.vocab_size, (chunks * T,), generator=g)
         stream = Stream(list(torch.split(text, T)), model.state.next_injection_id)

@@ -150,6 +150,7 @@ def test_inject_in_place(run, ckpt):
 
 @pytest.mark.parametrize("args,message", [
     (("inspect", "/definitely/not/here"), "not found"),
+    (("demo", "--chunks", "0"), "--chunks 0 must be at least 1"),
     (("generate", "{ckpt}", "--ids", "1,x,3"), "'x' is not an integer"),
     (("generate", "{ckpt}", "--ids", "1,99999"), "outside the vocabulary"),
     (("generate", "{ckpt}", "--prompt", "hello"), "needs --tokenizer"),
