@@ -1,0 +1,209 @@
+"""The `mplus-fast` command line: demo, inspect, generate, inject, bench.
+
+Commands stay thin: they parse options, call the public API (`mplus_fast.load`, `MPlus`), and
+print with rich. User errors (missing checkpoint, bad ids, bad options) print one red line and
+exit with code 2; see `cliutil.user_errors`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+import mplus_fast
+from mplus_fast.checkpoint import load_checkpoint
+from mplus_fast.cliutil import (CLIError, console, decode, encode, fmt_bytes, load_tokenizer, parse_dtype, parse_ids,
+                                set_threads, user_errors)
+
+app = typer.Typer(help="mplus_fast: fast, faithful inference for M+ / MemoryLLM memory-augmented LLMs.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+DEVICE = typer.Option("cpu", help="Device for weights and memory: cpu, cuda, cuda:1, ...")
+DTYPE = typer.Option(None, help="Compute dtype: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
+SEED = typer.Option(0, help="Seeds the model's generator (memory drops, sampling) and synthetic data.")
+TOKENIZER = typer.Option(None, help="A tokenizer.json, or a folder holding one (needs the `tokenizers` package).")
+IDS = typer.Option(None, help='Token ids instead of text, e.g. "1,2,3" (no tokenizer needed).')
+
+
+def _threads(default: int, what: str):
+    return typer.Option(default, help=f"torch CPU threads (0: torch's default). Default {default}: {what}.")
+
+
+def _input_ids(text: Optional[str], ids: Optional[str], tokenizer: Optional[str], text_flag: str):
+    """Exactly one of text (with a tokenizer) or --ids → (ids (n,), tokenizer or None)."""
+    if (text is None) == (ids is None):
+        raise CLIError(f"give exactly one of {text_flag} (with --tokenizer) or --ids")
+    if ids is not None:
+        return parse_ids(ids), (load_tokenizer(tokenizer) if tokenizer else None)
+    if tokenizer is None:
+        raise CLIError(f"{text_flag} needs --tokenizer PATH (or pass token ids with --ids)")
+    tok = load_tokenizer(tokenizer)
+    return encode(tok, text), tok
+
+
+def _load(ckpt: Path, device: str, dtype: Optional[str], seed: int):
+    return mplus_fast.load(ckpt, device=device, dtype=parse_dtype(dtype), seed=seed)
+
+
+@app.command()
+@user_errors
+def demo(
+    ckpt: Optional[Path] = typer.Option(None, help="A real M+ checkpoint. Default: a small RANDOM demo checkpoint (cached)."),
+    tokenizer: Optional[str] = TOKENIZER,
+    chunks: int = typer.Option(200, help="Synthetic chunks of T tokens to inject (ignored with --tokenizer: the document is used)."),
+    doc: Optional[Path] = typer.Option(None, help="Text file to inject (with --ckpt and --tokenizer). Default: a built-in paragraph."),
+    question: Optional[List[str]] = typer.Option(None, help="A question to ask after injection (repeatable; with --tokenizer)."),
+    new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt."),
+    table_every: int = typer.Option(0, help="A memory-growth table row every K chunks (0: about 10 rows)."),
+    seed: int = typer.Option(0, help="Seeds the random demo checkpoint's weights, the synthetic text and the model's generator."),
+    device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    threads: int = _threads(1, "the demo model is tiny, one thread is fastest"),
+):
+    """Stream many chunks into the memory, watch STM/LTM grow and merge, then prompt and show recall, output, timings."""
+    from mplus_fast.demo import run_demo
+    set_threads(threads)
+    if ckpt is None and (tokenizer or doc or question):
+        raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the default demo model is random)")
+    run_demo(str(ckpt) if ckpt else None, tokenizer, chunks, seed, device, parse_dtype(dtype),
+             str(doc) if doc else None, list(question or []), new_tokens, table_every)
+
+
+@app.command()
+@user_errors
+def inspect(ckpt: Path = typer.Argument(..., help="Checkpoint folder (config.json + safetensors).")):
+    """Summarise a checkpoint: architecture, sizes, tensors and the state of its memory (no model is built)."""
+    config, tensors = load_checkpoint(ckpt)
+    c = config
+    lora = c.lora_config or {}
+    tab = Table(title=f"{ckpt}", title_justify="left", show_header=False)
+    rows = [
+        ("architecture", c.architecture),
+        ("layers / hidden / intermediate", f"{c.num_hidden_layers} / {c.hidden_size} / {c.intermediate_size}"),
+        ("heads / kv heads / head_dim", f"{c.num_attention_heads} / {c.num_key_value_heads or c.num_attention_heads} / "
+                                        f"{c.head_dim or c.hidden_size // c.num_attention_heads}"),
+        ("vocab", str(c.vocab_size)),
+        ("T (tokens per injection)", str(c.num_tokens)),
+        ("STM size N per layer", str(c.stm_size)),
+        ("R (LTM retrieved per layer)", str(c.ltm_retrieved)),
+        ("LoRA r / alpha", f"{lora.get('r', '–')} / {lora.get('lora_alpha', '–')}"),
+        ("RoPE", f"{c.rope_type} (theta {c.rope_theta:g})"),
+    ]
+    if c.is_mplus:
+        rows += [("selector dim / layers", f"{c.selector_hidden_dim} / {c.num_selector_layers}"),
+                 ("merge every / initial rf / decay", f"{c.update_ltm_frequency} injections / {c.initial_rf_when_moving_stm_to_ltm:g} / "
+                                                      f"{c.decay_frequency:g}"),
+                 ("LTM capacity per layer", str(c.max_ltm_tokens))]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    rows.append(("tensors", f"{len(tensors)}, {fmt_bytes(nbytes)} ({', '.join(dtypes)})"))
+    rows += _memory_rows(c, tensors)
+    for k, v in rows:
+        tab.add_row(k, escape(v))
+    console.print(tab)
+
+
+def _memory_rows(c, t: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
+    L = c.num_hidden_layers
+    step = int(t["update_step"]) if "update_step" in t else 0
+    if not c.is_mplus:
+        init = int(t["initialized"]) if "initialized" in t else 1
+        return [("memory initialized", str(bool(init))), ("update step", str(step))]
+    ltm = [t[f"ltm.{i}"].shape[0] for i in range(L)]
+    pend = t["cached_dropped_memories.0"].shape[0] if "cached_dropped_memories.0" in t else 0
+    ages = torch.cat([t[f"ltm_ages.{i}"].to(torch.int64) for i in range(L)])
+    age_range = f"{int(ages.min())} … {int(ages.max())}" if ages.numel() else "empty"
+    per_layer = str(ltm[0]) if len(set(ltm)) == 1 else ", ".join(map(str, ltm))
+    return [("LTM tokens per layer", per_layer), ("pending (not yet merged)", str(pend)),
+            ("update step", f"{step} / {c.update_ltm_frequency * c.num_tokens}"), ("LTM ages", age_range)]
+
+
+@app.command()
+@user_errors
+def generate(
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder."),
+    prompt: Optional[str] = typer.Option(None, help="Prompt text (needs --tokenizer). No BOS is added: M+ has its own."),
+    ids: Optional[str] = IDS, tokenizer: Optional[str] = TOKENIZER,
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate at most (stops early at EOS)."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (with --sample)."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold in (0, 1] (with --sample)."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely tokens (with --sample)."),
+    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    threads: int = _threads(0, "torch's choice"),
+):
+    """Continue a prompt over the checkpoint's memory (the memory is read, not changed)."""
+    set_threads(threads)
+    x, tok = _input_ids(prompt, ids, tokenizer, "--prompt")
+    model = _load(ckpt, device, dtype, seed)
+    out = model.generate(x.to(model.device)[None], max_new_tokens=max_new_tokens, do_sample=sample,
+                         temperature=temperature, top_p=top_p, top_k=top_k)
+    new = out[0, x.shape[0]:].tolist()
+    if tok is not None:
+        console.print(escape(decode(tok, new)))
+    console.print(f"ids: {new}", style="dim" if tok is not None else None)
+
+
+@app.command()
+@user_errors
+def inject(
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder to read."),
+    text: Optional[str] = typer.Option(None, help="Text to inject (needs --tokenizer)."),
+    file: Optional[Path] = typer.Option(None, help="Text file to inject (needs --tokenizer)."),
+    ids: Optional[str] = IDS, tokenizer: Optional[str] = TOKENIZER,
+    chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T = num_tokens)."),
+    out: Optional[Path] = typer.Option(None, help="Where to save the updated checkpoint."),
+    in_place: bool = typer.Option(False, "--in-place", help="Overwrite CKPT itself (atomic replace)."),
+    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    threads: int = _threads(0, "torch's choice"),
+):
+    """Write a context into the memory (update_memory=True, chunk by chunk) and save the checkpoint."""
+    set_threads(threads)
+    if (out is None) == (not in_place):
+        raise CLIError("give exactly one of --out DIR or --in-place")
+    if text is not None and file is not None:
+        raise CLIError("give only one of --text or --file")
+    if file is not None:
+        if not file.is_file():
+            raise CLIError(f"--file not found: {file}")
+        text = file.read_text()
+    x, _ = _input_ids(text, ids, tokenizer, "--text/--file")
+    model = _load(ckpt, device, dtype, seed)
+    size = chunk_tokens or model.config.num_tokens
+    if size < 1:
+        raise CLIError(f"--chunk-tokens {chunk_tokens} must be positive")
+    merges = 0
+    chunks = list(torch.split(x, size))
+    for chunk in chunks:
+        model.inject_memory(chunk.to(model.device), update_memory=True)
+        merges += bool(getattr(model.last_update, "merged", False))
+    target = model.save_pretrained(ckpt if in_place else out)
+    s = model.memory_stats()
+    ltm = s["ltm_tokens_per_layer"]
+    console.print(f"injected {x.shape[0]} tokens in {len(chunks)} chunk(s); merges: {merges}; "
+                  f"LTM per layer: {ltm[0] if ltm else 0}; pending: {s['pending_tokens']}; saved to {target}")
+
+
+@app.command()
+@user_errors
+def bench(
+    ckpt: Optional[Path] = typer.Argument(None, help="Checkpoint folder (default: the random demo checkpoint)."),
+    prompt_len: int = typer.Option(64, help="Prompt tokens for the prefill."),
+    new_tokens: int = typer.Option(16, help="Decode steps timed per round."),
+    repeats: int = typer.Option(5, help="Timed rounds (after one warm-up); the median is shown."),
+    profile: Optional[Path] = typer.Option(None, help="Also write a torch.profiler chrome trace of one round to this .json."),
+    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    threads: int = _threads(1, "best for the tiny demo model; use 0 for real models"),
+):
+    """Time inject, prefill and decode of the reference backend; optionally write a profiler trace."""
+    from mplus_fast.quickbench import run_bench
+    set_threads(threads)
+    run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, device, parse_dtype(dtype),
+              str(profile) if profile else None)
+
+
+if __name__ == "__main__":  # python -m mplus_fast.cli
+    app()
