@@ -16,12 +16,13 @@ from mplus_fast.model import MPlus, MPlusOutput
 __version__ = "0.1.0"
 
 
-def load(path, *, device="cpu", dtype=None, backend: str = "reference", seed: int | None = None,
+def load(path, *, device="cpu", dtype=None, backend: str = "fast", seed: int | None = None,
          age_mode: str = "inference") -> MPlus:
     """Load an M+ or MemoryLLM checkpoint (upstream layout, single-file or sharded safetensors).
 
     device: where weights and memory live ("cpu", "cuda", ...). dtype: compute dtype (default
-    float32 on CPU, bfloat16 on CUDA). backend: "reference" (pure PyTorch, the parity truth).
+    float32 on CPU, bfloat16 on CUDA). backend: "fast" (memory as cached keys/values, the default)
+    or "reference" (the authors' computation in plain PyTorch, the parity truth).
     seed: seeds the model's generator (memory drops, sampling). age_mode: "inference" (reference
     parity) or "training" (ages the STM before each drop, as the reference's training code does).
     """

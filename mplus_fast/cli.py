@@ -45,8 +45,11 @@ def _input_ids(text: Optional[str], ids: Optional[str], tokenizer: Optional[str]
     return encode(tok, text), tok
 
 
-def _load(ckpt: Path, device: str, dtype: Optional[str], seed: int):
-    return mplus_fast.load(ckpt, device=device, dtype=parse_dtype(dtype), seed=seed)
+BACKEND = typer.Option("fast", help="Backend: fast (cached K/V memory) or reference (the authors' computation).")
+
+
+def _load(ckpt: Path, device: str, dtype: Optional[str], seed: int, backend: str):
+    return mplus_fast.load(ckpt, device=device, dtype=parse_dtype(dtype), seed=seed, backend=backend)
 
 
 @app.command()
@@ -60,7 +63,7 @@ def demo(
     new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt."),
     table_every: int = typer.Option(0, help="A memory-growth table row every K chunks (0: about 10 rows)."),
     seed: int = typer.Option(0, help="Seeds the random demo checkpoint's weights, the synthetic text and the model's generator."),
-    device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
     threads: int = _threads(1, "the demo model is tiny, one thread is fastest"),
 ):
     """Stream many chunks into the memory, watch STM/LTM grow and merge, then prompt and show recall, output, timings."""
@@ -69,7 +72,7 @@ def demo(
     if ckpt is None and (tokenizer or doc or question):
         raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the default demo model is random)")
     run_demo(str(ckpt) if ckpt else None, tokenizer, chunks, seed, device, parse_dtype(dtype),
-             str(doc) if doc else None, list(question or []), new_tokens, table_every)
+             str(doc) if doc else None, list(question or []), new_tokens, table_every, backend)
 
 
 @app.command()
@@ -132,13 +135,13 @@ def generate(
     temperature: float = typer.Option(1.0, help="Sampling temperature (with --sample)."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold in (0, 1] (with --sample)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the k most likely tokens (with --sample)."),
-    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
     threads: int = _threads(0, "torch's choice"),
 ):
     """Continue a prompt over the checkpoint's memory (the memory is read, not changed)."""
     set_threads(threads)
     x, tok = _input_ids(prompt, ids, tokenizer, "--prompt")
-    model = _load(ckpt, device, dtype, seed)
+    model = _load(ckpt, device, dtype, seed, backend)
     out = model.generate(x.to(model.device)[None], max_new_tokens=max_new_tokens, do_sample=sample,
                          temperature=temperature, top_p=top_p, top_k=top_k)
     new = out[0, x.shape[0]:].tolist()
@@ -157,7 +160,7 @@ def inject(
     chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T = num_tokens)."),
     out: Optional[Path] = typer.Option(None, help="Where to save the updated checkpoint."),
     in_place: bool = typer.Option(False, "--in-place", help="Overwrite CKPT itself (atomic replace)."),
-    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
     threads: int = _threads(0, "torch's choice"),
 ):
     """Write a context into the memory (update_memory=True, chunk by chunk) and save the checkpoint."""
@@ -171,7 +174,7 @@ def inject(
             raise CLIError(f"--file not found: {file}")
         text = file.read_text()
     x, _ = _input_ids(text, ids, tokenizer, "--text/--file")
-    model = _load(ckpt, device, dtype, seed)
+    model = _load(ckpt, device, dtype, seed, backend)
     size = chunk_tokens or model.config.num_tokens
     if size < 1:
         raise CLIError(f"--chunk-tokens {chunk_tokens} must be positive")
@@ -195,14 +198,14 @@ def bench(
     new_tokens: int = typer.Option(16, help="Decode steps timed per round."),
     repeats: int = typer.Option(5, help="Timed rounds (after one warm-up); the median is shown."),
     profile: Optional[Path] = typer.Option(None, help="Also write a torch.profiler chrome trace of one round to this .json."),
-    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE,
+    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
     threads: int = _threads(1, "best for the tiny demo model; use 0 for real models"),
 ):
-    """Time inject, prefill and decode of the reference backend; optionally write a profiler trace."""
+    """Time inject, prefill and decode of one backend; optionally write a profiler trace."""
     from mplus_fast.quickbench import run_bench
     set_threads(threads)
     run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, device, parse_dtype(dtype),
-              str(profile) if profile else None)
+              str(profile) if profile else None, backend)
 
 
 if __name__ == "__main__":  # python -m mplus_fast.cli

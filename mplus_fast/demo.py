@@ -154,7 +154,7 @@ def pick_prompts(model, stream: Stream, T: int) -> list[tuple[str, torch.Tensor,
 
 
 def run_demo(ckpt: str | None, tokenizer: str | None, chunks: int, seed: int, device: str, dtype, doc: str | None,
-             questions: list[str], new_tokens: int, table_every: int) -> None:
+             questions: list[str], new_tokens: int, table_every: int, backend: str = "fast") -> None:
     t_start = time.perf_counter()
     tok = load_tokenizer(tokenizer) if tokenizer else None
     if tok is not None and ckpt is None:
@@ -180,7 +180,7 @@ def run_demo(ckpt: str | None, tokenizer: str | None, chunks: int, seed: int, de
         console.print(Panel(f"weights from [bold]{path}[/] ({note}); output is meaningful only if these are trained weights",
                             title="checkpoint", border_style="cyan"))
     with Timer(device) as t_load:
-        model = mplus_fast.load(path, device=device, dtype=dtype, seed=seed)
+        model = mplus_fast.load(path, device=device, dtype=dtype, seed=seed, backend=backend)
     c = model.config
     console.print(f"{model!r}\nT={c.num_tokens} tokens per injection, STM N={c.stm_size}, retrieved R={c.ltm_retrieved}"
                   + (f", merge every {c.update_ltm_frequency} injections" if c.is_mplus else ""))

@@ -42,6 +42,9 @@ class MemoryState:
     update_step: int = 0
     next_injection_id: int = 0
     initialized: bool = True            # MemoryLLM's flag; M+ is always initialized
+    # The fast backend's physical slot of each logical STM position (L, N), when known: saved so a
+    # reload restores the same layout and hence the same float32 summation order, bit for bit.
+    stm_slots: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:

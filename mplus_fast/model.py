@@ -45,7 +45,7 @@ class MPlus:
     """An M+ (or MemoryLLM) model with its memory. Create with `mplus_fast.load(path)`."""
 
     def __init__(self, config: MPlusConfig, tensors: dict[str, torch.Tensor], *, device="cpu", dtype=None,
-                 backend: str = "reference", seed: int | None = None, age_mode: str = "inference",
+                 backend: str = "fast", seed: int | None = None, age_mode: str = "inference",
                  generation_config: dict | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not available (choose from {list(BACKENDS)})")
@@ -78,7 +78,7 @@ class MPlus:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=None, backend: str = "reference",
+    def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=None, backend: str = "fast",
                         seed: int | None = None, age_mode: str = "inference") -> "MPlus":
         config, tensors = load_checkpoint(path)
         gen_path = Path(path) / "generation_config.json"
@@ -97,6 +97,7 @@ class MPlus:
             update_step=int(get("update_step", torch.tensor(0))),
             next_injection_id=int(get(f"{OURS}next_injection_id", torch.tensor(0))),
             initialized=bool(int(get("initialized", torch.tensor(1)))),
+            stm_slots=t[f"{OURS}stm_slots"].to(**i64) if f"{OURS}stm_slots" in t else None,
         )
         if not c.is_mplus:
             return st
@@ -211,6 +212,8 @@ class MPlus:
         if not c.is_mplus:
             out["initialized"] = torch.tensor(int(st.initialized), dtype=torch.uint8)
         out[f"{OURS}stm_provenance"] = st.stm_prov
+        if st.stm_slots is not None:
+            out[f"{OURS}stm_slots"] = st.stm_slots
         out[f"{OURS}next_injection_id"] = torch.tensor(st.next_injection_id, dtype=torch.int64)
         out[f"{OURS}generator_state"] = self.generator.get_state()
         rope = self.rope.state()

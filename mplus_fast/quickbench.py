@@ -35,7 +35,7 @@ def _round(model, prompt: torch.Tensor, chunk: torch.Tensor, new_tokens: int) ->
 
 
 def run_bench(ckpt: str | None, prompt_len: int, new_tokens: int, repeats: int, seed: int, device: str, dtype,
-              profile: str | None) -> dict[str, float]:
+              profile: str | None, backend: str = "fast") -> dict[str, float]:
     if prompt_len < 1 or new_tokens < 1 or repeats < 1:
         raise CLIError("--prompt-len, --new-tokens and --repeats must all be at least 1")
     if ckpt is None:
@@ -45,7 +45,7 @@ def run_bench(ckpt: str | None, prompt_len: int, new_tokens: int, repeats: int, 
     else:
         path = Path(ckpt)
     with Timer(device) as t_load:
-        model = mplus_fast.load(path, device=device, dtype=dtype, seed=seed)
+        model = mplus_fast.load(path, device=device, dtype=dtype, seed=seed, backend=backend)
     c = model.config
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, c.vocab_size, (1, prompt_len), generator=g).to(model.device)

@@ -29,9 +29,14 @@ def tiny_ckpt(tmp_path) -> Path:
     return make_random_checkpoint(tmp_path / "tiny", seed=3)
 
 
+@pytest.fixture(params=["reference", "fast"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def tiny_model(tiny_ckpt):
-    return mplus_fast.load(tiny_ckpt, seed=0)
+def tiny_model(tiny_ckpt, backend):
+    return mplus_fast.load(tiny_ckpt, seed=0, backend=backend)
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +44,11 @@ def ckpt_factory(tmp_path_factory):
     """Session-cached random checkpoints keyed by their config overrides."""
     cache: dict[str, Path] = {}
 
-    def make(seed: int = 0, ltm_size: int | None = None, **config) -> Path:
-        key = repr((seed, ltm_size, sorted(config.items())))
+    def make(seed: int = 0, ltm_size: int | None = None, weight_std: float | None = None, **config) -> Path:
+        key = repr((seed, ltm_size, weight_std, sorted(config.items())))
         if key not in cache:
-            cache[key] = make_random_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=seed, ltm_size=ltm_size, **config)
+            cache[key] = make_random_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=seed, ltm_size=ltm_size,
+                                                weight_std=weight_std, **config)
         return cache[key]
 
     return make

@@ -18,8 +18,8 @@ def left_pad(seqs, pad=0):
     return ids, mask
 
 
-def prepared(ckpt_factory):
-    model = mplus_fast.load(ckpt_factory(seed=8), seed=1)
+def prepared(ckpt_factory, backend):
+    model = mplus_fast.load(ckpt_factory(seed=8), seed=1, backend=backend)
     g = torch.Generator().manual_seed(1)
     for _ in range(5):  # a non-empty pending buffer makes retrieval span both key blocks
         model.inject_memory(torch.randint(3, 96, (1, 6), generator=g), update_memory=True)
@@ -29,8 +29,8 @@ def prepared(ckpt_factory):
 SEQS = [[5, 17, 33, 2, 71, 9, 10], [44, 45], [90, 1, 3, 7, 11]]
 
 
-def test_batch_forward_matches_single(ckpt_factory):
-    model = prepared(ckpt_factory)
+def test_batch_forward_matches_single(ckpt_factory, backend):
+    model = prepared(ckpt_factory, backend)
     ids, mask = left_pad(SEQS)
     batch = model(ids, attention_mask=mask)
     for i, s in enumerate(SEQS):
@@ -43,8 +43,8 @@ def test_batch_forward_matches_single(ckpt_factory):
     assert any(not torch.equal(batch.ltm_indices[0][0], batch.ltm_indices[0][j]) for j in (1, 2))
 
 
-def test_batch_generation_matches_single(ckpt_factory):
-    model = prepared(ckpt_factory)
+def test_batch_generation_matches_single(ckpt_factory, backend):
+    model = prepared(ckpt_factory, backend)
     ids, mask = left_pad(SEQS)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
     for i, s in enumerate(SEQS):
@@ -52,8 +52,8 @@ def test_batch_generation_matches_single(ckpt_factory):
         assert out[i, ids.shape[1]:].tolist() == alone[0, len(s):].tolist(), f"sequence {i}"
 
 
-def test_batch_injection_equals_sequential(ckpt_factory):
-    a, b = prepared(ckpt_factory), prepared(ckpt_factory)
+def test_batch_injection_equals_sequential(ckpt_factory, backend):
+    a, b = prepared(ckpt_factory, backend), prepared(ckpt_factory, backend)
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
     da = a.inject_memory(ids, attention_mask=mask, update_memory=True)
     d0 = b.inject_memory(torch.tensor([[5, 6, 7, 8, 9, 10]]), update_memory=True)

@@ -167,13 +167,14 @@ def test_user_errors_exit_2_without_traceback(run, ckpt, args, message):
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
 
 
-def test_bench_and_profile(run, ckpt, tmp_path):
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_bench_and_profile(run, ckpt, tmp_path, backend):
     trace = tmp_path / "trace.json"
-    r = run("bench", ckpt, "--prompt-len", 8, "--new-tokens", 2, "--repeats", 1, "--profile", trace)
+    r = run("bench", ckpt, "--prompt-len", 8, "--new-tokens", 2, "--repeats", 1, "--profile", trace, "--backend", backend)
     assert r.exit_code == 0, r.output
-    assert "inject + update" in r.output and "decode (per token" in r.output
+    assert "inject + update" in r.output and "decode (per token" in r.output and f"backend={backend}" in r.output
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
-    assert {"bench.inject", "bench.prefill", "bench.decode", "reference.read.layer0", "reference.inject.layer1"} <= names
+    assert {"bench.inject", "bench.prefill", "bench.decode", f"{backend}.read.layer0", f"{backend}.inject.layer1"} <= names
 
 
 @pytest.mark.parametrize("cmd", ["demo", "inspect", "generate", "inject", "bench"])

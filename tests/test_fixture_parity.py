@@ -12,9 +12,9 @@ FIXTURES = ["upstream_tiny", "upstream_tiny_memoryllm"]
 
 
 @pytest.fixture(params=FIXTURES)
-def case(request, fixtures_dir):
+def case(request, fixtures_dir, backend):
     root = fixtures_dir / request.param
-    return request.param, mplus_fast.load(root / "ckpt", seed=0), load_file(str(root / "expected.safetensors"))
+    return request.param, mplus_fast.load(root / "ckpt", seed=0, backend=backend), load_file(str(root / "expected.safetensors"))
 
 
 def test_logits(case):

@@ -6,8 +6,8 @@ import torch
 import mplus_fast
 
 
-def test_provenance_flows_to_retrieval(ckpt_factory):
-    model = mplus_fast.load(ckpt_factory(seed=5), seed=3)
+def test_provenance_flows_to_retrieval(ckpt_factory, backend):
+    model = mplus_fast.load(ckpt_factory(seed=5), seed=3, backend=backend)
     g = torch.Generator().manual_seed(0)
     for _ in range(9):
         model.inject_memory(torch.randint(3, 96, (1, 8), generator=g), update_memory=True)

@@ -24,14 +24,14 @@ def assert_same_state(a, b):
         assert torch.equal(ta[k], tb[k]), k
 
 
-def test_save_reload_continue_equals_never_saving(tiny_ckpt, tmp_path):
-    straight = mplus_fast.load(tiny_ckpt, seed=11)
-    paused = mplus_fast.load(tiny_ckpt, seed=11)
+def test_save_reload_continue_equals_never_saving(tiny_ckpt, tmp_path, backend):
+    straight = mplus_fast.load(tiny_ckpt, seed=11, backend=backend)
+    paused = mplus_fast.load(tiny_ckpt, seed=11, backend=backend)
     stream(straight, 7, seed=1)
     stream(paused, 7, seed=1)
     assert paused.state.pending_len() > 0, "test should save with a non-empty pending buffer"
     paused.save_pretrained(tmp_path / "mid")
-    resumed = mplus_fast.load(tmp_path / "mid", seed=999)  # the saved generator state wins over the seed
+    resumed = mplus_fast.load(tmp_path / "mid", seed=999, backend=backend)  # the saved generator state wins over the seed
     assert_same_state(paused, resumed)
     stream(straight, 6, seed=2)
     stream(resumed, 6, seed=2)
@@ -66,7 +66,7 @@ def test_sharded_save_and_load(tiny_model, tmp_path):
     out = tiny_model.save_pretrained(tmp_path / "sharded", max_shard_size=40_000)
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 2
-    again = mplus_fast.load(out)
+    again = mplus_fast.load(out, backend=tiny_model.backend_name)
     assert_same_state(tiny_model, again)
 
 

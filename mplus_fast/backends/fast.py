@@ -137,9 +137,15 @@ class FastBackend:
     def load_state(self, st: MemoryState) -> None:
         c, dev, dt = self.cfg, self.m.device, self.m.dtype
         Lh, N = c.num_hidden_layers, c.stm_size
-        self.stm_h = st.stm.to(dev, dt).clone()                             # (L, N, d) physical slots
-        self.order = torch.arange(N, device=dev).repeat(Lh, 1)               # logical -> slot
-        self.stm_ages, self.stm_prov = st.stm_ages.clone().to(dev), st.stm_prov.clone().to(dev)  # by slot
+        # logical -> slot: the saved layout if there is one, else slot = logical position
+        self.order = st.stm_slots.clone().to(dev) if st.stm_slots is not None else torch.arange(N, device=dev).repeat(Lh, 1)
+        self.stm_h = torch.empty_like(st.stm, device=dev, dtype=dt)           # (L, N, d) by slot
+        self.stm_ages = torch.empty_like(st.stm_ages, device=dev)
+        self.stm_prov = torch.empty_like(st.stm_prov, device=dev)
+        for l in range(Lh):
+            self.stm_h[l, self.order[l]] = st.stm[l].to(dev, dt)
+            self.stm_ages[l, self.order[l]] = st.stm_ages[l].to(dev)
+            self.stm_prov[l, self.order[l]] = st.stm_prov[l].to(dev)
         self.stm_kv = torch.stack([self._kv_rows(l, self.stm_h[l], self.dec) for l in range(Lh)])  # (L, N, 2, Hkv, D)
         self.update_step, self.next_injection_id, self.initialized = st.update_step, st.next_injection_id, st.initialized
         self.bank, self.pend = [], []
@@ -166,7 +172,8 @@ class FastBackend:
         idx = self.order
         st = MemoryState(stm=torch.stack([self.stm_h[l, idx[l]] for l in range(c.num_hidden_layers)]),
                          stm_ages=torch.gather(self.stm_ages, 1, idx), stm_prov=torch.gather(self.stm_prov, 1, idx),
-                         update_step=self.update_step, next_injection_id=self.next_injection_id, initialized=self.initialized)
+                         update_step=self.update_step, next_injection_id=self.next_injection_id, initialized=self.initialized,
+                         stm_slots=self.order.clone())
         dev, dt = self.m.device, self.m.dtype
         for b, p in zip(self.bank, self.pend):
             st.ltm.append(b.hidden.live.to(dev, dt).clone())
