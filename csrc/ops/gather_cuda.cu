@@ -31,7 +31,8 @@ at::Device target_device(const at::Tensor& bank, const at::Tensor& index) {
 at::Tensor checked_index_on(const at::Tensor& index, const at::Tensor& bank, at::Device device) {
   if (!index.is_cuda()) {
     check_range_cpu(index, bank);
-    return index.to(device, /*non_blocking=*/false).contiguous();
+    // A pinned host index (the prefetch engine's) goes up asynchronously on the current stream.
+    return index.contiguous().to(device, /*non_blocking=*/index.is_pinned());
   }
   TORCH_CHECK_VALUE(index.device() == device, "gather_rows: index is on ", index.device(),
                     " but the gather runs on ", device, " (index shape ", index.sizes(), ")");
