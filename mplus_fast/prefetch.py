@@ -106,23 +106,30 @@ class _Worker:
             job = self.jobs.get()
             if job is None:
                 return
-            handle, bank, index = job
+            handle, bank, index, out, ready = job
             try:
-                out, event = self._execute(bank, index)
+                out, event = self._execute(bank, index, out, ready)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiter
                 handle._future.set_exception(exc)
             else:
                 handle._event = event
                 handle._future.set_result(out)
 
-    def _execute(self, bank: torch.Tensor, index: torch.Tensor):
+    def _execute(self, bank: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None, ready):
         if self.device.type != "cuda":
-            return _gather_rows(bank, index), None
+            if out is None:
+                return _gather_rows(bank, index), None
+            _gather_rows_out(bank, index, out)
+            return out, None
         shape = (*index.shape, *bank.shape[1:])
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if out is None:
+                out = torch.empty(shape, dtype=bank.dtype, device=self.device)
+            else:
+                self.stream.wait_event(ready)  # the caller's pending work on `out` comes first
+                out.record_stream(self.stream)
             if self.mode == "zero_copy":
                 # Host index (pinned) -> the CUDA kernel reads bank rows over PCIe into `out`.
-                out = torch.empty(shape, dtype=bank.dtype, device=self.device)
                 _gather_rows_out(bank, index, out)
             else:
                 slot = self.next_slot
@@ -131,7 +138,6 @@ class _Worker:
                     self.slot_events[slot].synchronize()  # the copy that last read this buffer is done
                 staging = self.staging[slot].reshape(-1)[: index.numel() * self.staging[slot][0].numel()].view(shape)
                 _gather_rows_out(bank, index, staging)  # threaded host gather, GIL released
-                out = torch.empty(shape, dtype=bank.dtype, device=self.device)
                 out.copy_(staging, non_blocking=True)  # bulk DMA on the copy stream
             event = torch.cuda.Event()
             event.record(self.stream)
@@ -214,12 +220,16 @@ class PrefetchEngine:
             self._purge()
             return len(self._inflight)
 
-    def request(self, index: torch.Tensor) -> PrefetchHandle:
+    def request(self, index: torch.Tensor, out: torch.Tensor | None = None) -> PrefetchHandle:
         """Queue a gather of `bank[index]` (index int64 (R,) or (B, R)); returns immediately.
 
         The index is validated before anything is queued (TypeError for a non-int64 index,
         ValueError for bad dims or more than `max_rows` rows, IndexError for a value outside
-        [0, M)) and copied, so the caller may reuse its tensor at once."""
+        [0, M)) and copied, so the caller may reuse its tensor at once.
+        `out` (optional): a preallocated destination (*index.shape, *row) on `device`, e.g. a
+        static buffer; it is written after the work already queued on the caller's current
+        stream, and must not be touched until `wait()` returns it. Without it, a new tensor is
+        allocated (on CPU the allocation's page faults can cost more than the gather itself)."""
         if self._closed:
             raise RuntimeError("PrefetchEngine.request: the engine is closed")
         if not isinstance(index, torch.Tensor):
@@ -233,11 +243,23 @@ class PrefetchEngine:
                                  f"{index.numel()} rows, more than max_rows={self.max_rows}")
             private = torch.empty(index.shape, dtype=index.dtype, pin_memory=self.mode == "zero_copy")
             private.copy_(index)
+            ready = None
+            if out is not None:
+                self._check_out(out, bank, index)
+                if out.is_cuda:
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(out.device))
             handle = PrefetchHandle((*index.shape, *self._row_shape))
             self._purge()
             self._inflight.append(handle)
-            self._worker.jobs.put((handle, bank, private))
+            self._worker.jobs.put((handle, bank, private, out, ready))
         return handle
+
+    def _check_out(self, out: torch.Tensor, bank: torch.Tensor, index: torch.Tensor) -> None:
+        shape = [*index.shape, *self._row_shape]
+        if list(out.shape) != shape or out.dtype != bank.dtype or out.device != self.device:
+            raise ValueError(f"PrefetchEngine.request: out must be {shape} {bank.dtype} on {self.device}, got "
+                             f"{list(out.shape)} {out.dtype} on {out.device}")
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """Synchronous convenience: request(index).wait()."""

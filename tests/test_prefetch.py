@@ -226,3 +226,25 @@ def test_cuda_result_is_safe_on_the_consumer_stream():
 def test_cuda_zero_copy_needs_pinned_bank():
     with pytest.raises(ValueError, match="pinned"):
         PrefetchEngine(torch.zeros(10, 4), device="cuda", mode="zero_copy")
+
+
+@pytest.mark.parametrize("device,mode", CONFIGS)
+def test_request_into_preallocated_out(device, mode):
+    bank = make_bank(300, (6,), torch.float16)
+    with PrefetchEngine(bank, device=device, num_staging=2, max_rows=64, mode=mode) as engine:
+        static = torch.zeros(4, 16, 6, dtype=torch.float16, device=device)
+        idxs = [torch.randint(0, 300, (16,)) for _ in range(4)]
+        handles = [engine.request(idx, out=static[i]) for i, idx in enumerate(idxs)]
+        results = [h.wait() for h in handles]
+        for i, idx in enumerate(idxs):
+            assert results[i].data_ptr() == static[i].data_ptr()
+            assert torch.equal(static[i].cpu(), bank[idx])
+        with pytest.raises(ValueError, match=r"out must be \[16, 6\]"):
+            engine.request(torch.zeros(16, dtype=torch.long), out=torch.zeros(16, 5, dtype=torch.float16))
+        with pytest.raises(ValueError, match="out must be"):
+            engine.request(torch.zeros(16, dtype=torch.long), out=torch.zeros(16, 6))
+    idx = torch.randint(0, 300, (16,), generator=torch.Generator().manual_seed(1))
+    with PrefetchEngine(bank, device=device, max_rows=64, mode=mode) as engine:
+        out = torch.full((16, 6), -1.0, dtype=torch.float16, device=device)
+        assert torch.equal(engine.request(idx, out=out).wait().cpu(), bank[idx])
+        assert torch.equal(out.cpu(), bank[idx])
