@@ -1,8 +1,9 @@
 """Benchmarks of mplus_fast::gather_rows and the PrefetchEngine.
 
-CPU: reference (index_select, the package's gather_rows_reference) vs the native threaded gather
-(allocating, and into a preallocated buffer as the prefetch engine does), reporting GB/s
-(bytes = rows read + rows written). Shapes: small ones always (CI runs this file untimed); the
+CPU: reference (index_select, the package's gather_rows_reference; and index_select into a reused
+buffer) vs the native threaded gather (allocating, and into a preallocated buffer as the prefetch
+engine does), reporting GB/s (bytes = rows read + rows written). On CPU a fresh output's page
+faults can cost more than the gather: compare allocating with allocating, out with out. Shapes: small ones always (CI runs this file untimed); the
 released geometry (2,560 rows of 4,096 fp32 or of 2 x 1,024 bf16 K/V from a 153,600-row bank)
 when CUDA is available or MPLUS_BENCH_FULL=1 (the fp32 bank is 2.5 GB).
 CUDA: device-bank gather, zero-copy gather from the pinned bank, and the prefetch engine's
@@ -71,6 +72,7 @@ def _ext(shape):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", [
     "reference",
+    "reference_out",  # torch.index_select(..., out=buffer): the reference's best into a reused buffer
     pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")),
     pytest.param("native_out", marks=pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")),
 ])
@@ -79,13 +81,16 @@ def test_cpu_gather(benchmark, impl, shape):
     bank, index = bank_for(m, row, dtype, False), index_for(m, r)
     if impl == "reference":
         fn = functools.partial(gather_rows_reference, bank, index)
+    elif impl == "reference_out":
+        out = torch.empty((r, *row), dtype=dtype)
+        fn = functools.partial(torch.index_select, bank, 0, index, out=out)
     elif impl == "native":
         fn = functools.partial(torch.ops.mplus_fast.gather_rows, bank, index)
     else:  # into a preallocated (pinned when CUDA) buffer: the prefetch engine's staging path
         out = torch.empty((r, *row), dtype=dtype, pin_memory=CUDA)
         fn = functools.partial(torch.ops.mplus_fast.gather_rows_out, bank, index, out)
     result = benchmark(fn)
-    if impl != "native_out":
+    if result is not None:
         assert torch.equal(result, bank[index])
     record(benchmark, shape, r, row_bytes, impl, "cpu")
 

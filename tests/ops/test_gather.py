@@ -75,6 +75,22 @@ def test_parity_dtypes(impl, dtype):
     assert_same(gather(bank, index), bank[index], f"{impl} {dtype}")
 
 
+@pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")
+@pytest.mark.parametrize("m,row,dtype,r", [
+    (2_000, (1_024,), torch.float32, 1_100),      # 4 KiB rows, 4.5 MB: streaming stores
+    (70_000, (20,), torch.float32, 60_000),       # 80-byte rows: 64-byte blocks + a 16-byte tail
+    (2_000, (2, 1_023), torch.bfloat16, 1_100),   # 4,092-byte rows: not a multiple of 16, memcpy
+])
+def test_large_gathers(m, row, dtype, r):
+    """Gathers above the native kernel's streaming-store threshold (4 MiB), aligned or not."""
+    bank = make_bank(m, row, dtype)
+    index = torch.randint(0, m, (r,))
+    assert_same(torch.ops.mplus_fast.gather_rows(bank, index), bank[index], f"large {row} {dtype}")
+    out = torch.empty(r * torch.Size(row).numel() + 1, dtype=dtype)[1:].view(r, *row)  # misaligned out
+    torch.ops.mplus_fast.gather_rows_out(bank, index, out)
+    assert_same(out, bank[index], f"large misaligned out {row} {dtype}")
+
+
 @impl_param
 def test_noncontiguous_inputs(impl):
     gather, gather_out = IMPLS[impl]
