@@ -151,7 +151,8 @@ class PrefetchEngine:
 
     bank:        (M, *row) CPU tensor, any dtype (pinned when CUDA is used; required for zero_copy).
     device:      where results go; default CUDA when available, else CPU.
-    num_staging: pinned staging buffers (staged CUDA mode), i.e. copies that may be in flight.
+    num_staging: pinned staging buffers (staged CUDA mode), i.e. copies that may be in flight
+                 (unused on CPU and in zero_copy mode, where nothing is staged).
     max_rows:    the largest request (B * R rows) accepted; sizes the staging buffers.
     mode:        "staged" (gather on host + bulk copy) or "zero_copy" (GPU kernel reads pinned bank).
     """

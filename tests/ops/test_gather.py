@@ -134,6 +134,33 @@ def test_native_kernel_is_dispatched():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mplus_fast::gather_rows_out", "CPU")
 
 
+@pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")
+def test_native_gather_releases_the_gil():
+    """Python keeps running while one long native gather runs on another thread."""
+    import threading
+    import time
+
+    bank = torch.ones(20_000, 1_024)
+    index = torch.randint(0, 20_000, (20_000,))  # 80 MB out: tens of ms at least
+    span, stamps = [], []
+
+    def work():
+        span.append(time.perf_counter())
+        torch.ops.mplus_fast.gather_rows(bank, index)
+        span.append(time.perf_counter())
+
+    t = threading.Thread(target=work)
+    t.start()
+    while t.is_alive():
+        stamps.append(time.perf_counter())
+    t.join()
+    t0, t1 = span
+    # Held GIL: one gap as long as the call. Released: gaps of scheduler noise (a few ms).
+    points = [t0 + 0.01, *(s for s in stamps if t0 + 0.01 < s < t1), t1]
+    gap = max(b - a for a, b in zip(points, points[1:]))
+    assert t1 - t0 < 0.05 or gap < 0.5 * (t1 - t0), f"Python stalled {gap:.3f} s during a {t1 - t0:.3f} s gather"
+
+
 # ---- opcheck --------------------------------------------------------------------------------------
 # All checks on one shape; schema + fake checks on the others (aot_dispatch compiles: slow on 2 cores).
 @pytest.mark.parametrize("index_shape,utils", [
