@@ -111,9 +111,11 @@ class _Worker:
                 out, event = self._execute(bank, index, out, ready)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiter
                 handle._future.set_exception(exc)
+                event = exc = None
             else:
                 handle._event = event
                 handle._future.set_result(out)
+            del job, handle, bank, index, out, ready  # hold no bank (or result) between requests
 
     def _execute(self, bank: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None, ready):
         if self.device.type != "cuda":

@@ -248,3 +248,16 @@ def test_request_into_preallocated_out(device, mode):
         out = torch.full((16, 6), -1.0, dtype=torch.float16, device=device)
         assert torch.equal(engine.request(idx, out=out).wait().cpu(), bank[idx])
         assert torch.equal(out.cpu(), bank[idx])
+
+
+def test_swapped_bank_is_released():
+    import weakref
+
+    bank = make_bank(100, (4,))
+    ref = weakref.ref(bank)
+    with PrefetchEngine(bank, device="cpu", max_rows=8) as engine:
+        engine.request(torch.tensor([1, 2])).wait()
+        engine.set_bank(make_bank(120, (4,)))
+        del bank
+        gc.collect()
+        assert ref() is None, "the engine (or its worker) still holds the old bank"
