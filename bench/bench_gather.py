@@ -12,6 +12,8 @@ the transfer time hidden behind the matmul (extra_info["hidden_fraction"]).
 
     pytest bench/bench_gather.py --benchmark-only              # timed
     MPLUS_BENCH_FULL=1 pytest bench/bench_gather.py --benchmark-only -k cpu
+    MPLUS_BENCH_THREADS=1 ...   # intra-op threads for the CPU runs (on an oversubscribed machine,
+                                # every parallel region can stall for a scheduler tick)
 """
 from __future__ import annotations
 
@@ -30,6 +32,18 @@ CUDA = torch.cuda.is_available()
 FULL = CUDA or os.environ.get("MPLUS_BENCH_FULL", "0") == "1"
 NATIVE = ops.build_info()["ext_loaded"]
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+THREADS = int(os.environ.get("MPLUS_BENCH_THREADS", "0"))  # 0: torch's default
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    if THREADS <= 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 # name -> (bank rows M, row shape, dtype, gathered rows R)
 SHAPES = {
@@ -58,7 +72,7 @@ def index_for(m: int, r: int, device="cpu") -> torch.Tensor:
 def record(benchmark, shape: str, r: int, row_bytes: int, impl: str, device: str) -> None:
     nbytes = 2 * r * row_bytes + 8 * r  # rows read + rows written + the index
     benchmark.extra_info.update({"shape": shape, "impl": impl, "rows": r, "row_bytes": row_bytes,
-                                 "bytes": nbytes, "flops": 0, "device": device})
+                                 "bytes": nbytes, "flops": 0, "device": device, "threads": torch.get_num_threads()})
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:
         benchmark.extra_info["GB/s"] = round(nbytes / stats.stats.median / 1e9, 2)
