@@ -31,6 +31,13 @@ IMPLS = {
     "reference": retrieval_topk_reference,
     "native": lambda *a: torch.ops.mplus_fast.retrieval_topk(*a),
 }
+if HAS_CUDA:
+    try:
+        from mplus_fast.ops.triton.retrieval import retrieval_topk_triton
+
+        IMPLS["triton"] = retrieval_topk_triton
+    except ImportError:
+        pass
 
 
 def _inputs(shape, device, dtype):
@@ -48,6 +55,8 @@ def _inputs(shape, device, dtype):
 def test_retrieval_topk(benchmark, impl, shape, device):
     if impl == "native" and not build_info()["ext_loaded"]:
         pytest.skip("native library not built")
+    if impl == "triton" and device != "cuda":
+        pytest.skip("the Triton kernel is benchmarked on CUDA only")
     if device == "cpu" and shape == "released" and not FULL:
         pytest.skip("released geometry on CPU only with MPLUS_BENCH_FULL=1")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

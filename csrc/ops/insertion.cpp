@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <sstream>
@@ -167,7 +168,10 @@ void stm_update_cpu(at::Tensor& pool, at::Tensor& order, const at::Tensor& drop,
   char* dst_base = static_cast<char*>(pool.data_ptr());
   const char* src_base = static_cast<const char*>(src.data_ptr());
   const int64_t es = pool.element_size();
-  at::parallel_for(0, L * T, 1, [&](int64_t begin, int64_t end) {
+  // >= 1 MiB per task: a memory-bound copy gains little from more threads, and a parallel region
+  // costs a wake-up (and a barrier that a busy machine can stretch to milliseconds)
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / int64_t(bytes));
+  at::parallel_for(0, L * T, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t l = r / T, j = r % T;
       std::memcpy(dst_base + (l * pool.stride(0) + slt[l][j] * pool.stride(1)) * es,
@@ -201,7 +205,8 @@ void assemble_rows_cpu(const at::Tensor& bos, const std::optional<at::Tensor>& b
     const scalar_t* new_p = new_.has_value() ? new_c.data_ptr<scalar_t>() : nullptr;
     const scalar_t* pe_p = pos_emb.has_value() ? pe.data_ptr<scalar_t>() : nullptr;
     scalar_t* out_p = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * rows, 16, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (d * int64_t(sizeof(scalar_t))));
+    at::parallel_for(0, B * rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / rows, r = t % rows;
         const scalar_t* src;

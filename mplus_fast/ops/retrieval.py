@@ -22,7 +22,8 @@ matrix). Native CPU (csrc/ops/retrieval.cpp): key chunks in parallel, one small 
 sigmoid and a running column sum, never more than threads x n x chunk floats of scores. Native
 CUDA (csrc/ops/retrieval_cuda.cu + csrc/kernels/retrieval.cuh): one fused tiled kernel (GEMM +
 sigmoid + masked column mean, the n x M matrix is never written) then a stable sort for top-k
-(any k). No Triton kernel for this op.
+(any k). Triton (mplus_fast/ops/triton/retrieval.py): the same fusion with tl.dot (tensor cores),
+not registered with the dispatcher; chosen explicitly with `retrieval_topk(..., impl="triton")`.
 """
 from __future__ import annotations
 
@@ -96,6 +97,13 @@ def _fake(queries, keys, extra_keys, k, query_mask=None):
 retrieval_topk_op = define_op(SCHEMA, retrieval_topk_reference, _fake)
 
 
-def retrieval_topk(queries, keys, extra_keys=None, k: int = 1, query_mask=None):
-    """Public entry point: torch.ops.mplus_fast.retrieval_topk (native kernel when loaded)."""
+def retrieval_topk(queries, keys, extra_keys=None, k: int = 1, query_mask=None, impl: str = "op"):
+    """Public entry point. impl="op": torch.ops.mplus_fast.retrieval_topk (native CPU/CUDA kernel
+    when loaded, else the reference); impl="triton": the Triton scoring kernel (CUDA tensors)."""
+    if impl == "triton":
+        from mplus_fast.ops.triton.retrieval import retrieval_topk_triton
+
+        return retrieval_topk_triton(queries, keys, extra_keys, k, query_mask)
+    if impl != "op":
+        raise ValueError(f"retrieval_topk: impl must be 'op' or 'triton', got {impl!r}")
     return torch.ops.mplus_fast.retrieval_topk(queries, keys, extra_keys, k, query_mask)

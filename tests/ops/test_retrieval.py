@@ -155,3 +155,12 @@ def test_opcheck(device):
     mask = torch.ones(2, 7, dtype=torch.bool, device=device)
     for args in [(q, keys, extra, 5, mask), (q, keys, None, 5, None), (q, keys[:3], extra, 5, None)]:
         torch.library.opcheck(op, args)
+
+
+def test_public_wrapper_impl_choice():
+    from mplus_fast.ops.retrieval import retrieval_topk
+
+    q, keys, extra = make(1, 3, 20, 2, 8, torch.float32, "cpu")
+    assert torch.equal(retrieval_topk(q, keys, extra, 4)[0], op(q, keys, extra, 4)[0])
+    with pytest.raises(ValueError, match="impl must be"):
+        retrieval_topk(q, keys, extra, 4, impl="bogus")
