@@ -4,7 +4,7 @@
 // Design: the (n x (M+E)) score matrix is never materialised. Keys are cut into chunks; chunks
 // (of every batch row) run in parallel (at::parallel_for, OpenMP); each does one small float32
 // GEMM (its queries x its keys), a vectorised sigmoid in place, and a column sum over the
-// unmasked queries. Peak temporary memory: threads x (n x C + C x s) floats, C ~ 2 MiB / (4 n).
+// unmasked queries (summed in double). Peak temporary memory: threads x (n x C + C x s) floats, C ~ 2 MiB / (4 n).
 // Top-k: per batch row, nth_element with the total order (score desc, index asc), so ties at
 // the k-th place go to the lower index; then the k indices are sorted ascending.
 #include <ATen/ATen.h>
@@ -88,7 +88,7 @@ static at::Tensor scores_cpu(const at::Tensor& queries, const at::Tensor& keys,
   const int64_t nchunks = (total + chunk - 1) / chunk;
   float* out = scores.data_ptr<float>();
   at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc;
+    std::vector<double> acc;  // column sums in double: n adds per column are cheap next to the GEMM
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunks, j0 = (task % nchunks) * chunk, j1 = std::min(total, j0 + chunk);
       const int64_t cnt = q[b].size(0), width = j1 - j0;
@@ -103,12 +103,12 @@ static at::Tensor scores_cpu(const at::Tensor& queries, const at::Tensor& keys,
       }
       auto sc = at::mm(q[b], kc.to(at::kFloat).t());  // (cnt, width) float32
       sc.sigmoid_();
-      acc.assign(width, 0.f);
+      acc.assign(width, 0.0);
       const float* p = sc.data_ptr<float>();
       for (int64_t i = 0; i < cnt; ++i, p += width)
         for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
-      const float inv = 1.f / float(cnt);
-      for (int64_t j = 0; j < width; ++j) out[b * total + j0 + j] = acc[j] * inv;
+      const double inv = 1.0 / double(cnt);
+      for (int64_t j = 0; j < width; ++j) out[b * total + j0 + j] = float(acc[j] * inv);
     }
   });
   (void)s;
