@@ -51,5 +51,5 @@ def test_triton_cuda_parity(dtype):
     keys = torch.randn(989, 256, generator=g).to(dtype).cuda()
     got = retrieval_scores_triton(q, keys, keys[:7])
     want = retrieval_scores_reference(q, keys, keys[:7])
-    # tl.dot on fp32 inputs may use TF32 on GPUs: 1e-3 covers it (reduced-precision products)
-    assert (got - want).abs().max().item() <= 1e-3
+    # float32 inputs use IEEE products (no TF32); bf16 products are exact in float32
+    assert (got - want).abs().max().item() <= 2e-5

@@ -2,7 +2,8 @@
 
 Not registered with the dispatcher: the native CUDA kernel is the op's CUDA implementation. This
 is the explicit alternative `retrieval_topk_triton` (same contract as the op), benchmarked
-against it on GPUs; its tl.dot uses tensor cores for bf16/fp16 inputs (float32 accumulation).
+against it on GPUs; its tl.dot uses tensor cores for bf16/fp16 inputs (float32 accumulation); float32 inputs use
+IEEE float32 products (no TF32), to match the reference's float32 GEMM.
 One program owns BLOCK_K keys and sweeps the queries in BLOCK_Q tiles: GEMM tile, sigmoid,
 masked column sum, all in registers; the n x (M + E) matrix is never written. Extra keys are
 handled by the caller concatenating nothing: two passes of the same kernel write the two column
@@ -20,7 +21,8 @@ from mplus_fast.ops.retrieval import check_args, cyclic_indices
 @triton.jit
 def _scores_kernel(q_ptr, k_ptr, mask_ptr, inv_ptr, out_ptr, n, mk, s,
                    q_sb, q_sn, k_s0, m_sb, m_sn, out_sb, col0,
-                   HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+                   HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
     pid_k = tl.program_id(0)
     b = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -37,7 +39,7 @@ def _scores_kernel(q_ptr, k_ptr, mask_ptr, inv_ptr, out_ptr, n, mk, s,
                          mask=qmask[:, None] & smask[None, :], other=0.0)
             kt = tl.load(k_ptr + offs_k[None, :] * k_s0 + offs_s[:, None],
                          mask=kmask[None, :] & smask[:, None], other=0.0)
-            acc += tl.dot(qt, kt)
+            acc += tl.dot(qt, kt, input_precision=PRECISION)
         w = qmask.to(tl.float32)
         if HAS_MASK:
             w = w * tl.load(mask_ptr + b * m_sb + offs_q * m_sn, mask=qmask, other=0).to(tl.float32)
@@ -70,7 +72,9 @@ def retrieval_scores_triton(queries, keys, extra_keys=None, query_mask=None, blo
         grid = (triton.cdiv(mk, block_k), B)
         _scores_kernel[grid](q, kb, mask, inv, out, n, mk, s, q.stride(0), q.stride(1), kb.stride(0),
                              mask.stride(0), mask.stride(1), out.stride(0), col0,
-                             HAS_MASK=query_mask is not None, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_S=block_s)
+                             HAS_MASK=query_mask is not None,
+                             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                             BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_S=block_s)
         col0 += mk
     return out
 
