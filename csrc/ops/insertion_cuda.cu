@@ -1,9 +1,13 @@
 // stm_update_ and assemble_rows, CUDA glue: the checks shared with the CPU kernels (one
 // device->host sync for the index checks), then the kernels of csrc/kernels/insertion.cuh on the
 // current stream.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// Per-operator ATen headers (not ATen/ATen.h): much faster to compile (see retrieval_cuda.cu).
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "kernels/insertion.cuh"
@@ -30,7 +34,7 @@ void stm_update_cuda(at::Tensor& pool, at::Tensor& order, const at::Tensor& drop
   c10::cuda::CUDAGuard guard(pool.device());
   const int64_t L = pool.size(0), N = pool.size(1), d = pool.size(2), T = drop.size(1);
   if (L == 0 || T == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   auto ord = order.contiguous();
   auto slots = at::empty({L, T}, order.options());
   auto next = at::empty({L, N}, order.options());
@@ -87,7 +91,7 @@ void assemble_rows_cuda(const at::Tensor& bos, const std::optional<at::Tensor>& 
   a.pos_emb = pos_emb.has_value() ? pe.data_ptr() : nullptr;
   a.first_pe = rows - pos_emb_rows;
   a.out = out.data_ptr(); a.out_s0 = out.stride(0); a.out_s1 = out.stride(1); a.rows = rows; a.d = d;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   switch (out.scalar_type()) {
     case at::kFloat: check(ik::launch_assemble_rows<float>(a, B, stream), "assemble_rows"); break;
     case at::kHalf: check(ik::launch_assemble_rows<__half>(a, B, stream), "assemble_rows"); break;

@@ -1,9 +1,17 @@
 // retrieval_topk, CUDA glue: checks (shared with the CPU kernel), fused scoring kernel
 // (csrc/kernels/retrieval.cuh) on the current stream, then top-k by a stable descending sort
 // (any k, ties to the lower index), indices sorted ascending.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+// Per-operator ATen headers (not ATen/ATen.h, nor ATen/cuda/CUDAContext.h with cuBLAS): ~4x faster
+// to compile, which the nvcc check in CI pays for every .cu file.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "kernels/retrieval.cuh"
@@ -23,7 +31,7 @@ at::Tensor unit_last(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-
 template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& extra, const at::Tensor& mask,
             const at::Tensor& inv, at::Tensor& scores) {
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const T* ep = extra.defined() ? reinterpret_cast<const T*>(extra.data_ptr()) : nullptr;
   auto err = retrieval_kernels::launch_retrieval_scores<T>(
       reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1), int(q.size(0)), int(q.size(1)),
@@ -51,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> retrieval_topk_cuda(const at::Tensor& queries
   if (query_mask.has_value()) {
     mask = *query_mask;
     auto cnt = mask.sum(1).to(at::kFloat);
-    inv = at::where(cnt > 0, cnt.reciprocal(), at::zeros_like(cnt)).contiguous();
+    inv = at::where(cnt.gt(0), cnt.reciprocal(), at::zeros_like(cnt)).contiguous();
   } else {
     inv = at::full({B}, n > 0 ? 1.0 / double(n) : 0.0, fopts);
   }
