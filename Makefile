@@ -26,3 +26,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info mplus_fast/_C*.so mplus_fast/_build_info.py
+
+cuda-check:
+	bash scripts/cuda_compile_check.sh

@@ -28,7 +28,8 @@ from mplus_fast import layers as L_
 from mplus_fast.backends.reference import KVCache, ReadResult
 from mplus_fast.memory import MemoryState, UpdateRecord, prune_decision, randperm_split, tile_to
 from mplus_fast.profiling import nvtx_range
-from mplus_fast.retrieval import cyclic_indices
+from mplus_fast.ops.retrieval import retrieval_topk
+from mplus_fast.ops.insertion import stm_update_
 from mplus_fast.rope import apply_rope
 from mplus_fast.rowbuffer import RowBuffer
 from mplus_fast.weights import reading_adapter, writing_adapter
@@ -235,14 +236,14 @@ class FastBackend:
             return torch.empty(B, 0, dtype=torch.int64, device=h.device)
         bank, pend = self.bank[l], self.pend[l]
         n_l = len(bank)
-        if n_l < R:
-            idx = cyclic_indices(n_l, R).to(h.device).expand(B, R)
+        if n_l < R:  # SPEC §3: nothing is scored; the op returns the cyclic pattern
+            queries, mask = bank.keys.live.new_zeros(B, 1, c.selector_hidden_dim), None
         else:
             layer = self.m.weights.layers[l]
-            queries = L_.selector(layer.selectors["query_proj"], h, c.hidden_act)     # (B, n, s)
-            scores = masked_mean_sigmoid(queries, valid, bank.keys.live, pend.keys.live)  # (B, n_l + c)
-            order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :R]
-            idx = order.sort(dim=1).values
+            queries = L_.selector(layer.selectors["query_proj"], h, c.hidden_act).to(bank.keys.dtype)
+            mask = valid
+        # Fused scoring + top-R (native kernel when built): ascending indices over [bank; pending].
+        idx, _ = retrieval_topk(queries, bank.keys.live, pend.keys.live if len(pend) else None, R, mask)
         ages = torch.cat([bank.ages.live, pend.ages.live]) if len(pend) else bank.ages.live
         by_age = torch.sort(-ages.to(idx.device)[idx], dim=1, stable=True).indices
         return torch.gather(idx, 1, by_age)
@@ -381,7 +382,7 @@ class FastBackend:
             self._dirty()
             return UpdateRecord(inj, torch.empty(Lh, 0, dtype=torch.int64), False, [0] * Lh)
         training = self.m.age_mode == "training"
-        draws = [randperm_split(N, T, gen) for _ in range(Lh)]
+        draws = [randperm_split(N, T, gen) for _ in range(Lh)]  # (keep, drop) per layer, as the reference
         new_kv = torch.stack([self._kv_rows(l, delta[l], self.dec) for l in range(Lh)])
         slots = torch.stack([self.order[l, d.to(self.order.device)] for l, (_, d) in enumerate(draws)])   # (L, T)
         dropped = [self.stm_h[l, slots[l]] for l in range(Lh)]
@@ -394,12 +395,13 @@ class FastBackend:
         if training:
             self.stm_ages += T
         new_ages = torch.arange(T - 1, -1, -1, device=self.stm_ages.device)
-        for l, (keep, _) in enumerate(draws):
-            self.stm_h[l, slots[l]] = delta[l]
+        # New rows into the dropped slots (O(T·d)) and the logical order rebuilt, by the native
+        # insertion op; the per-slot side arrays follow the same slots.
+        stm_update_(self.stm_h, self.order, torch.stack([d for _, d in draws]).to(self.order.device), delta)
+        for l in range(Lh):
             self.stm_kv[l, slots[l]] = new_kv[l]
             self.stm_ages[l, slots[l]] = new_ages
             self.stm_prov[l, slots[l]] = inj
-            self.order[l] = torch.cat([self.order[l, keep.to(self.order.device)], slots[l]])
         record = UpdateRecord(inj, torch.stack([d for _, d in draws]), False, [0] * Lh)
         self._dirty()
         if not c.is_mplus:
@@ -432,20 +434,6 @@ class FastBackend:
 
 
 # ---------------------------------------------------------------------- kernels (PyTorch)
-def masked_mean_sigmoid(queries, valid, keys, extra, chunk: int = 16384) -> torch.Tensor:
-    """(B, M + E) mean over valid queries of sigmoid(q·k), chunked over keys so the n × M
-    matrix is never whole; accumulated in float32."""
-    w = valid.to(torch.float32)
-    w = w / w.sum(1, keepdim=True)                                   # (B, n)
-    outs = []
-    for block in (keys, extra):
-        for start in range(0, block.shape[0], chunk):
-            kb = block[start: start + chunk].to(queries.device, queries.dtype)
-            s = torch.sigmoid((queries @ kb.T).float())               # (B, n, chunk)
-            outs.append(torch.einsum("bnk,bn->bk", s, w))
-    return torch.cat(outs, dim=1)
-
-
 def attention(q, k, v, mask):
     """Grouped-query attention with a boolean mask (True = attend), float32 softmax inside SDPA."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
