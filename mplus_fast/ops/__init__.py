@@ -12,5 +12,6 @@ from mplus_fast.ops._library import build_info, load_extension
 load_extension()
 
 from mplus_fast.ops import rope  # noqa: E402,F401  (op 5)
+from mplus_fast.ops import attention  # noqa: E402,F401  (op 4)
 
 __all__ = ["build_info", "load_extension"]
