@@ -38,11 +38,6 @@ void check_rope_args(const at::Tensor& x, const at::Tensor& positions, const at:
 namespace {
 
 template <typename T>
-inline float round_to(float v) {
-  return static_cast<float>(static_cast<T>(v));
-}
-
-template <typename T>
 void rope_cpu_kernel(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& inv_freq, double scaling,
                      at::Tensor& out) {
   const int64_t B = x.size(0), H = x.size(1), S = x.size(2), D = x.size(3), half = D / 2;
@@ -56,26 +51,17 @@ void rope_cpu_kernel(const at::Tensor& x, const at::Tensor& positions, const at:
   T* op = out.data_ptr<T>();
   const float sc = static_cast<float>(scaling);
   at::parallel_for(0, B * S, std::max<int64_t>(1, 2048 / std::max<int64_t>(1, H * D)), [&](int64_t r0, int64_t r1) {
-    std::vector<float> cs(2 * half);
-    float* c = cs.data();
+    std::vector<float> buf(2 * half + D);
+    float* c = buf.data();
     float* s = c + half;
+    float* rot = s + half;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / S, t = r % S;
-      const float pos = static_cast<float>(pp[b * spb + t * sps]);
-      for (int64_t j = 0; j < half; ++j) {
-        const float a = pos * fp[j];
-        c[j] = round_to<T>(std::cos(a) * sc);
-        s[j] = round_to<T>(std::sin(a) * sc);
-      }
+      rope_cos_sin_row<T>(static_cast<float>(pp[b * spb + t * sps]), fp, sc, half, c, s);
       for (int64_t h = 0; h < H; ++h) {
-        const T* xr = xp + b * sxb + h * sxh + t * sxs;
+        rope_rotate_row<T>(xp + b * sxb + h * sxh + t * sxs, sxd, c, s, half, rot);
         T* orow = op + ((b * H + h) * S + t) * D;
-        for (int64_t j = 0; j < half; ++j) {
-          const float x1 = static_cast<float>(xr[j * sxd]);
-          const float x2 = static_cast<float>(xr[(j + half) * sxd]);
-          orow[j] = static_cast<T>(round_to<T>(x1 * c[j]) + round_to<T>(-x2 * s[j]));
-          orow[j + half] = static_cast<T>(round_to<T>(x2 * c[j]) + round_to<T>(x1 * s[j]));
-        }
+        for (int64_t j = 0; j < D; ++j) orow[j] = static_cast<T>(rot[j]);  // exact: rot holds T values
       }
     }
   });
