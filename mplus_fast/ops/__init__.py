@@ -4,7 +4,7 @@
 | --- | --- | --- |
 (ops are added by the native op library work; see docs/adding_an_op.md)
 | `rope_apply` | `mplus_fast.ops.rope` | HF-Llama RoPE at arbitrary per-row positions (any variant via inv_freq) |
-| `memory_attention` | `mplus_fast.ops.attention` | queries over [prefix rows, gathered + RoPE'd on load \| causal tail], GQA, returns out + lse |
+| `memory_attention` | `mplus_fast.ops.attention` | queries over [prefix rows (gathered, RoPE on load), causal tail], GQA, returns out + lse |
 | `merge_attention_states` | `mplus_fast.ops.attention` | exact log-sum-exp merge of two partial attentions |
 """
 from mplus_fast.ops._library import build_info, load_extension
