@@ -29,6 +29,15 @@ inline void rope_cos_sin_row(float pos, const float* inv_freq, float scaling, in
 // each product and the sum rounded to T. Writes the float values of the T results to out[0, 2*half).
 template <typename T>
 inline void rope_rotate_row(const T* x, int64_t sxd, const float* c, const float* s, int64_t half, float* out) {
+  if (sxd == 1) {  // contiguous row: same arithmetic, vectorisable
+    for (int64_t j = 0; j < half; ++j) {
+      const float x1 = static_cast<float>(x[j]);
+      const float x2 = static_cast<float>(x[j + half]);
+      out[j] = rope_round<T>(rope_round<T>(x1 * c[j]) + rope_round<T>(-x2 * s[j]));
+      out[j + half] = rope_round<T>(rope_round<T>(x2 * c[j]) + rope_round<T>(x1 * s[j]));
+    }
+    return;
+  }
   for (int64_t j = 0; j < half; ++j) {
     const float x1 = static_cast<float>(x[j * sxd]);
     const float x2 = static_cast<float>(x[(j + half) * sxd]);
