@@ -30,7 +30,7 @@
 namespace mplus_fast {
 namespace {
 
-constexpr int64_t kRowsTarget = 128;  // query rows (all heads of a kv group) per task
+constexpr int64_t kRowsTarget = 256;  // query rows (all heads of a kv group) per task
 constexpr int64_t kKeyBlock = 512;    // key rows per block (GEMMs of 128 x 512 x D reach ~75 GF/s/core)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
