@@ -63,8 +63,8 @@ def _memory_attention_fwd(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    b = (pid_bh // Hq).to(tl.int64)  # 64-bit offsets: banks can exceed 2^31 elements
+    h = (pid_bh % Hq).to(tl.int64)
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_H)
@@ -194,6 +194,7 @@ def memory_attention_triton(q, k_prefix, v_prefix, prefix_index, prefix_position
         GROUP=Hq // Hkv, D=D, HALF=half, BLOCK_H=block_h, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_INDEX=prefix_index is not None, HAS_ROPE=prefix_positions is not None,
         HAS_TMASK=tail_mask is not None, IEEE=q.dtype == torch.float32, LIBDEVICE=not _INTERPRET,
+        num_warps=4, num_stages=2 if q.dtype == torch.float32 else 3,  # fp32 tiles: keep smem < 227 KB
     )
     return out, lse
 
