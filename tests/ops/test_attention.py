@@ -199,6 +199,32 @@ if __name__ != "__main__":
             check(results[name], torch.float32, f"triton[{name}]")
         assert results["merge"] <= 1e-6 and results["merge-vs-full"] <= 2e-6, results
 
+    @pytest.mark.slow
+    def test_triton_compiles_for_sm90():
+        """Ahead-of-time compile of the GPU kernels for Hopper (sm_90, down to cubin with triton's
+        ptxas), no GPU needed: catches what the interpreter cannot (typing, layouts, shared memory)."""
+        triton = pytest.importorskip("triton")
+        from triton.backends import backends
+        if "nvidia" not in backends or os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("triton's nvidia backend is not available")
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from mplus_fast.ops.triton import attention as kernels
+
+        fn = kernels._memory_attention_fwd
+        consts = dict(GROUP=4, D=128, HALF=64, BLOCK_H=64, BLOCK_M=64, BLOCK_N=64, HAS_INDEX=True, HAS_ROPE=True,
+                      HAS_TMASK=True, IEEE=False, LIBDEVICE=True)
+        ptr = {"Q": "*bf16", "KP": "*bf16", "VP": "*bf16", "KT": "*bf16", "VT": "*bf16", "OUT": "*bf16",
+               "IDX": "*i64", "POS": "*i64", "FREQ": "*fp32", "LSE": "*fp32", "TMASK": "*u8", "qk_scale": "fp32"}
+        sig = {n: "constexpr" if n in consts else ptr.get(n, "i64" if n.startswith("s") else "i32") for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+        assert compiled.metadata.shared <= 227 * 1024
+        msig = {"OA": "*bf16", "LA": "*fp32", "OB": "*bf16", "LB": "*fp32", "OUT": "*bf16", "LSE": "*fp32", "D": "i32",
+                "BLOCK_D": "constexpr"}
+        triton.compile(ASTSource(fn=kernels._merge_fwd, signature=msig, constexprs={(7,): 128}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
     @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
     @pytest.mark.parametrize("name", list(CASES))
