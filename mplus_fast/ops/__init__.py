@@ -6,6 +6,9 @@
 | retrieval_topk | retrieval | top-k LTM keys by mean over queries of sigmoid(q·key), [keys; pending] |
 | stm_update_ | insertion | STM update in O(T·d): new rows into dropped slots, logical order updated in place |
 | assemble_rows | insertion | [bos / LTM rows by index / STM in logical order / new] + pos-emb, into `out` |
+| `rope_apply` | `mplus_fast.ops.rope` | HF-Llama RoPE at arbitrary per-row positions (any variant via inv_freq) |
+| `memory_attention` | `mplus_fast.ops.attention` | queries over [prefix rows (gathered, RoPE on load), causal tail], GQA, returns out + lse |
+| `merge_attention_states` | `mplus_fast.ops.attention` | exact log-sum-exp merge of two partial attentions |
 """
 from mplus_fast.ops._library import build_info, load_extension
 
@@ -14,5 +17,7 @@ load_extension()
 from mplus_fast.ops import gather  # noqa: E402,F401  (gather_rows, gather_rows_out)
 from mplus_fast.ops import retrieval  # noqa: E402,F401  retrieval_topk
 from mplus_fast.ops import insertion  # noqa: E402,F401  stm_update_, assemble_rows
+from mplus_fast.ops import rope  # noqa: E402,F401  (op 5)
+from mplus_fast.ops import attention  # noqa: E402,F401  (op 4)
 
 __all__ = ["build_info", "load_extension"]
