@@ -28,6 +28,7 @@ from mplus_fast import layers as L_
 from mplus_fast.backends.reference import KVCache, ReadResult
 from mplus_fast.memory import MemoryState, UpdateRecord, prune_decision, randperm_split, tile_to
 from mplus_fast.profiling import nvtx_range
+from mplus_fast.ops.attention import memory_attention, merge_attention_states
 from mplus_fast.ops.retrieval import retrieval_topk
 from mplus_fast.ops.insertion import stm_update_
 from mplus_fast.rope import apply_rope
@@ -98,6 +99,7 @@ class FastBackend:
         c = model.config
         self.cfg = c
         self.hkv, self.hd = c.num_key_value_heads, c.head_dim
+        self.scale = c.head_dim ** -0.5
         self.q_out, self.kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         dec, enc = reading_adapter(c), writing_adapter(c)
         self.dec = [fuse_layer(l, dec) for l in model.weights.layers]
@@ -199,7 +201,8 @@ class FastBackend:
 
     # ------------------------------------------------------------------ cached prefixes
     def _stm_rotated(self, inv_freq):
-        """STM keys rotated to positions R+1+logical (slot order), cached until the STM or
+        """Per layer, the batch-shared prefix [bos | STM] as keys (STM rotated to positions
+        R+1+logical, in slot order) and values: (L, Hkv, 1+N, D) each. Cached until the STM or
         the RoPE frequencies change."""
         if self._stm_rot is not None and torch.equal(self._stm_rot[0], inv_freq):
             return self._stm_rot[1], self._stm_rot[2]
@@ -207,11 +210,12 @@ class FastBackend:
         pos = torch.empty_like(self.order)
         pos.scatter_(1, self.order, torch.arange(c.stm_size, device=self.order.device).expand_as(self.order))
         pos = pos + c.ltm_retrieved + 1                                       # (L, N) position of each slot
-        k = self.stm_kv[:, :, 0].permute(0, 2, 1, 3)                           # (L, Hkv, N, D)
-        v = self.stm_kv[:, :, 1].permute(0, 2, 1, 3).contiguous()
-        k_rot = apply_rope(k, pos, inv_freq).contiguous()
-        self._stm_rot = (inv_freq.clone(), k_rot, v)
-        return k_rot, v
+        k = apply_rope(self.stm_kv[:, :, 0].permute(0, 2, 1, 3), pos, inv_freq)   # (L, Hkv, N, D)
+        bos = torch.stack(self.bos_dec)                                       # (L, 1, 2, Hkv, D)
+        k = torch.cat([bos[:, :, 0].transpose(1, 2), k], dim=2).contiguous()
+        v = torch.cat([bos[:, :, 1].transpose(1, 2), self.stm_kv[:, :, 1].permute(0, 2, 1, 3)], dim=2).contiguous()
+        self._stm_rot = (inv_freq.clone(), k, v)
+        return k, v
 
     def _injection_prefix(self, l, inv_freq):
         """Encoder-adapter K/V (post-RoPE) of [bos | last T STM tokens] at positions 0..T."""
@@ -275,7 +279,6 @@ class FastBackend:
         P = c.read_prefix_len if use_memory else 0
         in_pos = P + (valid.long().cumsum(1) - 1).clamp(min=0)
         inv_freq = m.rope.inv_freq_for(int(in_pos.max()))
-        stm_k, stm_v = self._stm_rotated(inv_freq) if use_memory else (None, None)
         ltm_pos = torch.arange(1, R + 1, device=dev)
         x = m.weights.embed[ids]
         cache = KVCache([], [], [], [], in_pos[:, -1] + 1) if cache_extra is not None else None
@@ -288,31 +291,58 @@ class FastBackend:
                 q, k_t = apply_rope(q, in_pos, inv_freq), apply_rope(k_t, in_pos, inv_freq)
                 if use_memory:
                     idx = self._retrieve(l, h, valid)
-                    bos = self.bos_dec[l]
-                    k_pre = [bos[:, 0].transpose(0, 1)[None].expand(B, -1, -1, -1)]
-                    v_pre = [bos[:, 1].transpose(0, 1)[None].expand(B, -1, -1, -1)]
-                    if idx.numel():
-                        rows = self._gather_kv(l, idx)                                  # (B, R, 2, Hkv, D)
-                        k_pre.append(apply_rope(rows[:, :, 0].transpose(1, 2), ltm_pos, inv_freq))
-                        v_pre.append(rows[:, :, 1].transpose(1, 2))
-                    k_pre.append(stm_k[l][None].expand(B, -1, -1, -1))
-                    v_pre.append(stm_v[l][None].expand(B, -1, -1, -1))
+                    rows = self._gather_kv(l, idx) if idx.numel() else None          # (B, R, 2, Hkv, D)
+                    attn = self._prefill_attention(l, q, k_t, v_t, valid, rows, ltm_pos, inv_freq)
                     all_idx.append(idx.cpu())
                     all_prov.append(self._provenance(l, idx) if idx.numel() else idx.cpu())
                 else:
-                    k_pre, v_pre = [], []
+                    rows = None
+                    empty = k_t[:1, :, :0]
+                    attn, _ = memory_attention(q, empty, empty, None, None, None, k_t, v_t, valid, self.scale)
                     all_idx.append(torch.empty(B, 0, dtype=torch.int64))
                     all_prov.append(torch.empty(B, 0, dtype=torch.int64))
-                k = torch.cat(k_pre + [k_t], dim=2)
-                v = torch.cat(v_pre + [v_t], dim=2)
-                p_len = k.shape[2] - n
-                key_valid = torch.cat([torch.ones(B, p_len, dtype=torch.bool, device=dev), valid], dim=1)
-                attn = attention(q, k, v, L_.prefix_causal_mask(n, p_len, key_valid, dev))
                 x = self._layer_rest(l, fused, x, attn)
                 if cache is not None:
-                    cache.add_layer(k, v, key_valid, cache_extra)
+                    cache.add_layer(*self._full_prefix(l, rows, k_t, v_t, valid, ltm_pos, inv_freq, use_memory), cache_extra)
         x = L_.rms_norm(x[:, -1:] if last_only else x, m.weights.final_norm, c.rms_norm_eps)
         return ReadResult(F.linear(x, m.weights.lm_head).float(), all_idx, all_prov, cache)
+
+    def _shared_prefix(self, l, inv_freq):
+        """[bos | STM] keys (rotated) and values of layer l, shared by the whole batch: (1, Hkv, 1+N, D)."""
+        k, v = self._stm_rotated(inv_freq)
+        return k[l][None], v[l][None]
+
+    def _prefill_attention(self, l, q, k_t, v_t, valid, rows, ltm_pos, inv_freq):
+        """Attention over [bos | LTM rows | STM | prompt] in two exact parts merged by log-sum-exp:
+        [bos | STM | prompt] (needs no retrieval result, so on a GPU it can run while the LTM rows
+        are still being fetched) and the R gathered LTM rows, rotated on load."""
+        k_s, v_s = self._shared_prefix(l, inv_freq)
+        out, lse = memory_attention(q, k_s, v_s, None, None, None, k_t, v_t, valid, self.scale)
+        if rows is None:
+            return out
+        k_l = rows[:, :, 0].transpose(1, 2).contiguous()                      # (B, Hkv, R, D) pre-RoPE
+        v_l = rows[:, :, 1].transpose(1, 2).contiguous()
+        no_tail = torch.zeros_like(valid)
+        out_l, lse_l = memory_attention(q, k_l, v_l, None, ltm_pos, inv_freq, k_t, v_t, no_tail, self.scale)
+        return merge_attention_states(out, lse, out_l, lse_l)[0]
+
+    def _full_prefix(self, l, rows, k_t, v_t, valid, ltm_pos, inv_freq, use_memory):
+        """Keys (rotated) and values of [bos | LTM | STM | prompt] for the decode cache."""
+        B = k_t.shape[0]
+        k_parts, v_parts = [], []
+        if use_memory:
+            k_s, v_s = self._shared_prefix(l, inv_freq)
+            k_parts, v_parts = [k_s[:, :, :1].expand(B, -1, -1, -1)], [v_s[:, :, :1].expand(B, -1, -1, -1)]
+            if rows is not None:
+                k_parts.append(apply_rope(rows[:, :, 0].transpose(1, 2), ltm_pos, inv_freq))
+                v_parts.append(rows[:, :, 1].transpose(1, 2))
+            k_parts.append(k_s[:, :, 1:].expand(B, -1, -1, -1))
+            v_parts.append(v_s[:, :, 1:].expand(B, -1, -1, -1))
+        k = torch.cat(k_parts + [k_t], dim=2)
+        v = torch.cat(v_parts + [v_t], dim=2)
+        p_len = k.shape[2] - k_t.shape[2]
+        key_valid = torch.cat([torch.ones(B, p_len, dtype=torch.bool, device=k.device), valid], dim=1)
+        return k, v, key_valid
 
     def decode_step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         m, c = self.m, self.cfg

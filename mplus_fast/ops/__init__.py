@@ -6,9 +6,9 @@
 | retrieval_topk | retrieval | top-k LTM keys by mean over queries of sigmoid(q·key), [keys; pending] |
 | stm_update_ | insertion | STM update in O(T·d): new rows into dropped slots, logical order updated in place |
 | assemble_rows | insertion | [bos / LTM rows by index / STM in logical order / new] + pos-emb, into `out` |
-| `rope_apply` | `mplus_fast.ops.rope` | HF-Llama RoPE at arbitrary per-row positions (any variant via inv_freq) |
-| `memory_attention` | `mplus_fast.ops.attention` | queries over [prefix rows (gathered, RoPE on load), causal tail], GQA, returns out + lse |
-| `merge_attention_states` | `mplus_fast.ops.attention` | exact log-sum-exp merge of two partial attentions |
+| rope_apply | rope | HF-Llama RoPE at arbitrary per-row positions (any variant via inv_freq) |
+| memory_attention | attention | queries over [prefix rows (gathered, RoPE on load), causal tail], GQA, returns out + lse |
+| merge_attention_states | attention | exact log-sum-exp merge of two partial attentions |
 """
 from mplus_fast.ops._library import build_info, load_extension
 
