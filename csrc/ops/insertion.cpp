@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops/check.h"
+
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -19,17 +21,6 @@
 #include <vector>
 
 namespace mplus_fast {
-
-static std::string shape_of(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes() << " " << t.scalar_type();
-  return os.str();
-}
-
-static bool is_float(const at::Tensor& t) {
-  auto st = t.scalar_type();
-  return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf;
-}
 
 static void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), ", expected ", ref.device());

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ops/check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -19,17 +21,6 @@
 #include <vector>
 
 namespace mplus_fast {
-
-static std::string shape_of(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes() << " " << t.scalar_type();
-  return os.str();
-}
-
-static bool is_float(const at::Tensor& t) {
-  auto st = t.scalar_type();
-  return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf;
-}
 
 // The one set of argument checks for the native kernels (CPU and CUDA).
 void retrieval_check_args(const at::Tensor& queries, const at::Tensor& keys,
