@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 
 def load(path, *, device="cpu", dtype=None, backend: str = "fast", seed: int | None = None,
-         age_mode: str = "inference") -> MPlus:
+         age_mode: str = "inference", ltm_placement: str = "device") -> MPlus:
     """Load an M+ or MemoryLLM checkpoint (upstream layout, single-file or sharded safetensors).
 
     device: where weights and memory live ("cpu", "cuda", ...). dtype: compute dtype (default
@@ -25,8 +25,12 @@ def load(path, *, device="cpu", dtype=None, backend: str = "fast", seed: int | N
     or "reference" (the authors' computation in plain PyTorch, the parity truth).
     seed: seeds the model's generator (memory drops, sampling). age_mode: "inference" (reference
     parity) or "training" (ages the STM before each drop, as the reference's training code does).
+    ltm_placement (fast backend): "device" keeps the LTM bank's keys/values on `device`; "host" keeps
+    them in CPU memory (pinned when `device` is a GPU) and prefetches the retrieved rows per layer,
+    overlapped with the attention over [bos | STM | prompt].
     """
-    return MPlus.from_pretrained(path, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode)
+    return MPlus.from_pretrained(path, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
+                                 ltm_placement=ltm_placement)
 
 
 __all__ = ["load", "MPlus", "MPlusOutput", "MPlusConfig", "ConfigError", "CheckpointError", "__version__"]

@@ -16,6 +16,7 @@ import torch
 from mplus_fast.checkpoint import OURS, load_checkpoint, write_checkpoint
 from mplus_fast.config import MPlusConfig
 from mplus_fast.backends import BACKENDS, make_backend
+LTM_PLACEMENTS = ("device", "host")
 from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord
 from mplus_fast.rope import RotaryEmbedding
 from mplus_fast.weights import Weights
@@ -46,11 +47,16 @@ class MPlus:
 
     def __init__(self, config: MPlusConfig, tensors: dict[str, torch.Tensor], *, device="cpu", dtype=None,
                  backend: str = "fast", seed: int | None = None, age_mode: str = "inference",
-                 generation_config: dict | None = None):
+                 generation_config: dict | None = None, ltm_placement: str = "device"):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not available (choose from {list(BACKENDS)})")
         if age_mode not in AGE_MODES:
             raise ValueError(f"age_mode={age_mode!r} is not one of {list(AGE_MODES)}")
+        if ltm_placement not in LTM_PLACEMENTS:
+            raise ValueError(f"ltm_placement={ltm_placement!r} is not one of {list(LTM_PLACEMENTS)}")
+        if ltm_placement != "device" and backend != "fast":
+            raise ValueError(f"ltm_placement={ltm_placement!r} needs backend='fast' (the reference keeps its bank as loaded)")
+        self.ltm_placement = ltm_placement
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
@@ -79,11 +85,12 @@ class MPlus:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=None, backend: str = "fast",
-                        seed: int | None = None, age_mode: str = "inference") -> "MPlus":
+                        seed: int | None = None, age_mode: str = "inference", ltm_placement: str = "device") -> "MPlus":
         config, tensors = load_checkpoint(path)
         gen_path = Path(path) / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
-        return cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode, generation_config=gen)
+        return cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
+                   generation_config=gen, ltm_placement=ltm_placement)
 
     def _state_from_tensors(self, t: dict[str, torch.Tensor]) -> MemoryState:
         c, dev, dt = self.config, self.device, self.dtype
@@ -241,6 +248,7 @@ class MPlus:
         stats = {
             "architecture": c.architecture,
             "backend": self.backend_name,
+            "ltm_placement": self.ltm_placement,
             "stm_tokens_per_layer": c.stm_size,
             "ltm_tokens_per_layer": st.ltm_sizes(),
             "ltm_retrieved_per_layer": c.ltm_retrieved,

@@ -122,3 +122,30 @@ def test_fast_save_reload_continues(ckpt_factory, tmp_path):
         a.inject_memory(c, update_memory=True)
         b.inject_memory(c, update_memory=True)
     compare_states(a, b, tol=1e-6)
+
+
+def test_host_placement_matches_device(ckpt_factory):
+    """The bank in host memory, fetched by the prefetch engine, gives bit-identical results, also
+    after merges grow the bank (the engine follows the reallocated buffer)."""
+    path = ckpt_factory(seed=14, weight_std=0.02)
+    dev = mplus_fast.load(path, seed=2, backend="fast")
+    host = mplus_fast.load(path, seed=2, backend="fast", ltm_placement="host")
+    assert host.backend.bank[0].kv.device.type == "cpu"
+    g = torch.Generator().manual_seed(3)
+    q = torch.tensor([[5, 6, 7, 8, 9, 10], [1, 1, 11, 12, 13, 14]])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    for step in range(12):
+        a, b = dev(q, attention_mask=mask), host(q, attention_mask=mask)
+        assert torch.equal(a.logits, b.logits), step
+        ctx = torch.randint(3, 96, (1, 9), generator=g)
+        dev.inject_memory(ctx, update_memory=True)
+        host.inject_memory(ctx, update_memory=True)
+    assert torch.equal(dev.generate(q, attention_mask=mask, max_new_tokens=4), host.generate(q, attention_mask=mask, max_new_tokens=4))
+    assert host.backend._prefetch is not None and dev.backend._prefetch is None  # the engine really served the reads
+
+
+def test_host_placement_needs_fast_backend(ckpt_factory):
+    with pytest.raises(ValueError, match="needs backend='fast'"):
+        mplus_fast.load(ckpt_factory(), backend="reference", ltm_placement="host")
+    with pytest.raises(ValueError, match="ltm_placement='disk'"):
+        mplus_fast.load(ckpt_factory(), ltm_placement="disk")

@@ -55,8 +55,10 @@ def fuse_layer(layer, adapter) -> FusedLayer:
 class Bank:
     """Rows of one layer's LTM bank (or pending buffer), one RowBuffer per field."""
 
-    def __init__(self, kv_shape, d, s, dtype, device, hidden_device="cpu"):
-        self.kv = RowBuffer(kv_shape, dtype, device)            # (2, Hkv, D): pre-RoPE K and V
+    def __init__(self, kv_shape, d, s, dtype, device, kv_device=None, hidden_device="cpu"):
+        kv_device = torch.device(kv_device or device)
+        pin = kv_device.type == "cpu" and torch.device(device).type != "cpu"
+        self.kv = RowBuffer(kv_shape, dtype, kv_device, pin=pin)  # (2, Hkv, D): pre-RoPE K and V
         self.keys = RowBuffer((s,), dtype, device)              # retrieval keys
         self.ages = RowBuffer((), torch.int64, device)
         self.prov = RowBuffer((), torch.int64, device)
@@ -104,7 +106,11 @@ class FastBackend:
         dec, enc = reading_adapter(c), writing_adapter(c)
         self.dec = [fuse_layer(l, dec) for l in model.weights.layers]
         self.enc = [fuse_layer(l, enc) for l in model.weights.layers] if enc != dec else self.dec
-        self.ltm_device = model.device
+        # Where the LTM bank's K/V rows live: on the compute device, or ("host") in CPU memory
+        # (pinned when computing on a GPU), fetched per prompt by the prefetch engine.
+        self.placement = model.ltm_placement
+        self.ltm_device = torch.device("cpu") if self.placement == "host" else model.device
+        self._prefetch = None
         # bos keys/values at position 0 (RoPE at 0 is the identity), per adapter: fixed for good.
         self.bos_dec = [self._kv_rows(l, model.weights.bos[l][None], self.dec) for l in range(c.num_hidden_layers)]
         self.bos_enc = [self._kv_rows(l, model.weights.bos[l][None], self.enc) for l in range(c.num_hidden_layers)]
@@ -155,9 +161,9 @@ class FastBackend:
         if c.is_mplus:
             shape = (2, self.hkv, self.hd)
             for l in range(Lh):
-                b = Bank(shape, c.hidden_size, c.selector_hidden_dim, dt, self.ltm_device)
+                b = Bank(shape, c.hidden_size, c.selector_hidden_dim, dt, dev, kv_device=self.ltm_device)
                 b.append(self._kv_rows(l, st.ltm[l].to(dev, dt), self.dec), st.ltm_keys[l], st.ltm_ages[l], st.ltm_prov[l], st.ltm[l].to(dt), st.ltm_rf[l])
-                p = Bank(shape, c.hidden_size, c.selector_hidden_dim, dt, self.ltm_device)
+                p = Bank(shape, c.hidden_size, c.selector_hidden_dim, dt, dev)
                 p.append(self._kv_rows(l, st.pend[l].to(dev, dt), self.dec), st.pend_keys[l], st.pend_ages[l], st.pend_prov[l], st.pend[l].to(dt))
                 self.bank.append(b)
                 self.pend.append(p)
@@ -252,17 +258,37 @@ class FastBackend:
         by_age = torch.sort(-ages.to(idx.device)[idx], dim=1, stable=True).indices
         return torch.gather(idx, 1, by_age)
 
-    def _gather_kv(self, l, idx):
-        """K/V rows (B, R, 2, Hkv, D) for indices over [bank; pending]."""
+    def _fetch_kv(self, l, idx):
+        """Start fetching the K/V rows (B, R, 2, Hkv, D) of `idx` over [bank; pending]; returns a
+        callable that waits for them. Bank rows on the compute device are gathered at once; a
+        host-resident bank is read by the prefetch engine on its worker thread (and, on a GPU,
+        copied on its own stream), overlapping the caller's work until the callable is called."""
         bank, pend = self.bank[l], self.pend[l]
         n_l = len(bank)
-        if len(pend) == 0:
-            rows = bank.kv.live[idx.to(bank.kv.device)]
+        in_bank = idx < n_l
+        bank_idx = idx.clamp(max=n_l - 1)
+        if self.placement == "host":
+            handle = self._engine(bank.kv.data, idx.numel()).request(bank_idx.to(self.ltm_device))
+            get_bank = handle.wait
         else:
-            in_bank = idx < n_l
-            rows = torch.where(in_bank[..., None, None, None], bank.kv.live[idx.clamp(max=n_l - 1)],
-                               pend.kv.live[(idx - n_l).clamp(min=0)])
-        return rows.to(self.m.device, non_blocking=True)
+            rows = bank.kv.live[bank_idx]
+            get_bank = lambda: rows  # noqa: E731
+
+        def finish():
+            rows = get_bank().to(self.m.device, non_blocking=True)
+            if len(pend) and not bool(in_bank.all()):
+                rows = torch.where(in_bank[..., None, None, None], rows, pend.kv.live[(idx - n_l).clamp(min=0)])
+            return rows
+        return finish
+
+    def _engine(self, bank_rows, n_rows):
+        """The prefetch engine, pointed at this layer's bank (one request in flight at a time)."""
+        from mplus_fast.prefetch import PrefetchEngine
+        if self._prefetch is None or self._prefetch.max_rows < n_rows:
+            self._prefetch = PrefetchEngine(bank_rows, device=self.m.device, num_staging=2, max_rows=max(n_rows, 1))
+        elif self._prefetch.bank is not bank_rows:
+            self._prefetch.set_bank(bank_rows)
+        return self._prefetch
 
     def _provenance(self, l, idx):
         bank, pend = self.bank[l], self.pend[l]
@@ -291,8 +317,8 @@ class FastBackend:
                 q, k_t = apply_rope(q, in_pos, inv_freq), apply_rope(k_t, in_pos, inv_freq)
                 if use_memory:
                     idx = self._retrieve(l, h, valid)
-                    rows = self._gather_kv(l, idx) if idx.numel() else None          # (B, R, 2, Hkv, D)
-                    attn = self._prefill_attention(l, q, k_t, v_t, valid, rows, ltm_pos, inv_freq)
+                    fetch = self._fetch_kv(l, idx) if idx.numel() else None           # started, not awaited
+                    attn, rows = self._prefill_attention(l, q, k_t, v_t, valid, fetch, ltm_pos, inv_freq)
                     all_idx.append(idx.cpu())
                     all_prov.append(self._provenance(l, idx) if idx.numel() else idx.cpu())
                 else:
@@ -312,19 +338,21 @@ class FastBackend:
         k, v = self._stm_rotated(inv_freq)
         return k[l][None], v[l][None]
 
-    def _prefill_attention(self, l, q, k_t, v_t, valid, rows, ltm_pos, inv_freq):
+    def _prefill_attention(self, l, q, k_t, v_t, valid, fetch, ltm_pos, inv_freq):
         """Attention over [bos | LTM rows | STM | prompt] in two exact parts merged by log-sum-exp:
-        [bos | STM | prompt] (needs no retrieval result, so on a GPU it can run while the LTM rows
-        are still being fetched) and the R gathered LTM rows, rotated on load."""
+        [bos | STM | prompt] first, which needs no retrieval result and so runs while the LTM rows
+        are still being fetched, then the R gathered LTM rows, rotated on load. Returns the
+        attention output and the fetched rows (B, R, 2, Hkv, D) or None."""
         k_s, v_s = self._shared_prefix(l, inv_freq)
         out, lse = memory_attention(q, k_s, v_s, None, None, None, k_t, v_t, valid, self.scale)
-        if rows is None:
-            return out
+        if fetch is None:
+            return out, None
+        rows = fetch()
         k_l = rows[:, :, 0].transpose(1, 2).contiguous()                      # (B, Hkv, R, D) pre-RoPE
         v_l = rows[:, :, 1].transpose(1, 2).contiguous()
         no_tail = torch.zeros_like(valid)
         out_l, lse_l = memory_attention(q, k_l, v_l, None, ltm_pos, inv_freq, k_t, v_t, no_tail, self.scale)
-        return merge_attention_states(out, lse, out_l, lse_l)[0]
+        return merge_attention_states(out, lse, out_l, lse_l)[0], rows
 
     def _full_prefix(self, l, rows, k_t, v_t, valid, ltm_pos, inv_freq, use_memory):
         """Keys (rotated) and values of [bos | LTM | STM | prompt] for the decode cache."""
