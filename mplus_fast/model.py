@@ -244,19 +244,20 @@ class MPlus:
 
     # ------------------------------------------------------------------ introspection
     def memory_stats(self) -> dict:
-        c, st = self.config, self.state
+        """Sizes and bytes of the memory (cheap: no snapshot of the state is made)."""
+        c, st = self.config, self.backend.counts()
         stats = {
             "architecture": c.architecture,
             "backend": self.backend_name,
             "ltm_placement": self.ltm_placement,
             "stm_tokens_per_layer": c.stm_size,
-            "ltm_tokens_per_layer": st.ltm_sizes(),
+            "ltm_tokens_per_layer": st["ltm_sizes"],
             "ltm_retrieved_per_layer": c.ltm_retrieved,
-            "pending_tokens": st.pending_len(),
-            "update_step": st.update_step,
+            "pending_tokens": st["pending"],
+            "update_step": st["update_step"],
             "merge_every_tokens": c.update_ltm_frequency * c.num_tokens if c.is_mplus else None,
-            "injections": st.next_injection_id,
-            "initialized": st.initialized,
+            "injections": st["injections"],
+            "initialized": st["initialized"],
             "memory_bytes_by_device": self.backend.memory_bytes_by_device(),
             "weight_bytes": self.weights.nbytes(),
         }
@@ -265,5 +266,5 @@ class MPlus:
     def __repr__(self) -> str:
         c = self.config
         return (f"MPlus({c.architecture}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
-                f"stm={c.stm_size}, R={c.ltm_retrieved}, ltm={self.state.ltm_sizes()[:1]}..., "
+                f"stm={c.stm_size}, R={c.ltm_retrieved}, ltm={self.backend.counts()['ltm_sizes'][:1]}..., "
                 f"device={self.device}, dtype={self.dtype}, backend={self.backend_name})")

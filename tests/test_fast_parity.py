@@ -69,6 +69,9 @@ def test_fast_matches_reference_over_100_injections(ckpt_factory, name):
             compare_reads(ref, fast, prompts)
     assert rel_err(db, da) < 1e-4
     compare_states(ref, fast)
+    sa, sb = ref.memory_stats(), fast.memory_stats()
+    for key in ("ltm_tokens_per_layer", "pending_tokens", "update_step", "injections", "initialized"):
+        assert sa[key] == sb[key], key
     compare_reads(ref, fast, prompts)
     if ref.config.is_mplus:
         assert merges > 10

@@ -197,6 +197,10 @@ class FastBackend:
         self._snapshot = st
         return st
 
+    def counts(self) -> dict:
+        return {"ltm_sizes": [len(b) for b in self.bank], "pending": len(self.pend[0]) if self.pend else 0,
+                "update_step": self.update_step, "injections": self.next_injection_id, "initialized": self.initialized}
+
     def memory_bytes_by_device(self) -> dict:
         out: dict[str, int] = {}
         for t in (self.stm_h, self.order, self.stm_ages, self.stm_prov, self.stm_kv):

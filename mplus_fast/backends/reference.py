@@ -61,6 +61,11 @@ class ReferenceBackend:
     def memory_bytes_by_device(self) -> dict:
         return self.state.bytes_by_device()
 
+    def counts(self) -> dict:
+        st = self.state
+        return {"ltm_sizes": st.ltm_sizes(), "pending": st.pending_len(), "update_step": st.update_step,
+                "injections": st.next_injection_id, "initialized": st.initialized}
+
     def update(self, delta: torch.Tensor) -> UpdateRecord:
         """Apply one update to a copy of the state, then swap it in: an error cannot leave a half-updated memory."""
         new_state = self.state.clone()
