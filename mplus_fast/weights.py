@@ -127,6 +127,15 @@ class Weights:
         embed = fn(self.embed)
         return Weights(embed, embed if tied else fn(self.lm_head), fn(self.final_norm), fn(self.bos), fn(self.new_memory_pos), layers)
 
+    def move_projections(self, device) -> None:
+        """Move the adapted projections (base weights and LoRA A/B) to `device`, in place. The fast
+        backend computes with merged copies and keeps these originals only to save the upstream
+        layout, so on a GPU they wait in host memory."""
+        for layer in self.layers:
+            for lin in layer.proj.values():
+                lin.weight = lin.weight.to(device)
+                lin.adapters = {a: (x.to(device), y.to(device)) for a, (x, y) in lin.adapters.items()}
+
     def nbytes(self) -> int:
         total = 0
         for t in self.to_tensors_flat():

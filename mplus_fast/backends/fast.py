@@ -38,18 +38,22 @@ from mplus_fast.weights import reading_adapter, writing_adapter
 
 @dataclass
 class FusedLayer:
-    """One layer's projections for one adapter, merged (W + scale·B·A) and fused."""
-    wqkv: torch.Tensor   # (q_out + 2 kv_out, d)
-    wo: torch.Tensor     # (d, q_out)
-    wgu: torch.Tensor    # (2 inter, d)
-    wd: torch.Tensor     # (d, inter)
+    """One layer's projections for one adapter, merged (W + scale·B·A), fused, and stored
+    transposed, (in, out): `x @ w` then reads the weight row-major, which on CPU runs the
+    one-token decode GEMVs near memory bandwidth (1.7× faster than `F.linear` on (out, in))."""
+    wqkv: torch.Tensor   # (d, q_out + 2 kv_out)
+    wkv: torch.Tensor    # (d, 2 kv_out): the K|V part alone, for memory rows
+    wo: torch.Tensor     # (q_out, d)
+    wgu: torch.Tensor    # (d, 2 inter)
+    wd: torch.Tensor     # (inter, d)
 
 
-def fuse_layer(layer, adapter) -> FusedLayer:
+def fuse_layer(layer, adapter, q_out: int) -> FusedLayer:
     p = layer.proj
     wqkv = torch.cat([p["q_proj"].effective_weight(adapter), p["k_proj"].effective_weight(adapter), p["v_proj"].effective_weight(adapter)])
     wgu = torch.cat([p["gate_proj"].effective_weight(adapter), p["up_proj"].effective_weight(adapter)])
-    return FusedLayer(wqkv, layer.o_proj, wgu, p["down_proj"].effective_weight(adapter))
+    t = lambda w: w.t().contiguous()  # noqa: E731
+    return FusedLayer(t(wqkv), t(wqkv[q_out:]), t(layer.o_proj), t(wgu), t(p["down_proj"].effective_weight(adapter)))
 
 
 class Bank:
@@ -104,8 +108,13 @@ class FastBackend:
         self.scale = c.head_dim ** -0.5
         self.q_out, self.kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         dec, enc = reading_adapter(c), writing_adapter(c)
-        self.dec = [fuse_layer(l, dec) for l in model.weights.layers]
-        self.enc = [fuse_layer(l, enc) for l in model.weights.layers] if enc != dec else self.dec
+        self.dec = [fuse_layer(l, dec, self.q_out) for l in model.weights.layers]
+        self.enc = [fuse_layer(l, enc, self.q_out) for l in model.weights.layers] if enc != dec else self.dec
+        self.lm_head_t = model.weights.lm_head.t().contiguous()                 # (d, V), see FusedLayer
+        if model.weights.lm_head is not model.weights.embed:
+            model.weights.lm_head = self.lm_head_t.t()                           # one copy, two views
+        if model.device.type != "cpu":
+            model.weights.move_projections("cpu")                                # originals: for saving only
         # Where the LTM bank's K/V rows live: on the compute device, or ("host") in CPU memory
         # (pinned when computing on a GPU), fetched per prompt by the prefetch engine.
         self.placement = model.ltm_placement
@@ -122,7 +131,7 @@ class FastBackend:
 
     def _kv_rows(self, l, rows, fused) -> torch.Tensor:
         """(k, 2, Hkv, D): pre-RoPE K and V of memory rows (k, d) under an adapter."""
-        kv = F.linear(self._norm(l, rows), fused[l].wqkv[self.q_out:])
+        kv = self._norm(l, rows) @ fused[l].wkv
         return kv.view(rows.shape[0], 2, self.hkv, self.hd)
 
     def retrieval_keys(self, l: int, rows: torch.Tensor) -> torch.Tensor:
@@ -132,10 +141,10 @@ class FastBackend:
     def _layer_rest(self, l, fused, residual, attn):
         """o_proj + residual + MLP: what follows attention in a layer."""
         c = self.cfg
-        x = residual + F.linear(L_.merge_heads(attn), fused.wo)
+        x = residual + L_.merge_heads(attn) @ fused.wo
         h = L_.rms_norm(x, self.m.weights.layers[l].post_norm, c.rms_norm_eps)
-        gate, up = F.linear(h, fused.wgu).chunk(2, dim=-1)
-        return x + F.linear(L_.ACT[c.hidden_act](gate) * up, fused.wd)
+        gate, up = (h @ fused.wgu).chunk(2, dim=-1)
+        return x + (L_.ACT[c.hidden_act](gate) * up) @ fused.wd
 
     def _split_qkv(self, qkv):
         q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], dim=-1)
@@ -317,7 +326,7 @@ class FastBackend:
             with nvtx_range(f"fast.read.layer{l}"):
                 fused = self.dec[l]
                 h = self._norm(l, x)
-                q, k_t, v_t = self._split_qkv(F.linear(h, fused.wqkv))
+                q, k_t, v_t = self._split_qkv(h @ fused.wqkv)
                 q, k_t = apply_rope(q, in_pos, inv_freq), apply_rope(k_t, in_pos, inv_freq)
                 if use_memory:
                     idx = self._retrieve(l, h, valid)
@@ -335,7 +344,7 @@ class FastBackend:
                 if cache is not None:
                     cache.add_layer(*self._full_prefix(l, rows, k_t, v_t, valid, ltm_pos, inv_freq, use_memory), cache_extra)
         x = L_.rms_norm(x[:, -1:] if last_only else x, m.weights.final_norm, c.rms_norm_eps)
-        return ReadResult(F.linear(x, m.weights.lm_head).float(), all_idx, all_prov, cache)
+        return ReadResult((x @ self.lm_head_t).float(), all_idx, all_prov, cache)
 
     def _shared_prefix(self, l, inv_freq):
         """[bos | STM] keys (rotated) and values of layer l, shared by the whole batch: (1, Hkv, 1+N, D)."""
@@ -383,7 +392,7 @@ class FastBackend:
         x = m.weights.embed[tokens][:, None]
         for l in range(c.num_hidden_layers):
             fused = self.dec[l]
-            q, k, v = self._split_qkv(F.linear(self._norm(l, x), fused.wqkv))
+            q, k, v = self._split_qkv(self._norm(l, x) @ fused.wqkv)
             q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
             s = cache.length[l]
             cache.k[l][:, :, s:s + 1], cache.v[l][:, :, s:s + 1] = k, v
@@ -393,7 +402,7 @@ class FastBackend:
             x = self._layer_rest(l, fused, x, attn)
         cache.next_pos = cache.next_pos + 1
         x = L_.rms_norm(x[:, 0], m.weights.final_norm, c.rms_norm_eps)
-        return F.linear(x, m.weights.lm_head).float()
+        return (x @ self.lm_head_t).float()
 
     # ------------------------------------------------------------------ writing
     def inject(self, ids: torch.Tensor) -> torch.Tensor:
@@ -415,7 +424,7 @@ class FastBackend:
                 if lead:  # a short context: the last `lead` STM tokens are queried too
                     rows = torch.cat([self.stm_h[l, self.order[l, c.stm_size - lead:]][None].to(x.dtype), x], dim=1)
                 rows = torch.cat([rows[:, :-T], rows[:, -T:] + m.weights.new_memory_pos], dim=1)
-                q, k_t, v_t = self._split_qkv(F.linear(self._norm(l, rows), fused.wqkv))
+                q, k_t, v_t = self._split_qkv(self._norm(l, rows) @ fused.wqkv)
                 q, k_t = apply_rope(q, q_pos, inv_freq), apply_rope(k_t, q_pos, inv_freq)
                 k = torch.cat([k_pre[:, :, :p_len], k_t], dim=2)
                 v = torch.cat([v_pre[:, :, :p_len], v_t], dim=2)
