@@ -56,6 +56,68 @@ def fuse_layer(layer, adapter, q_out: int) -> FusedLayer:
     return FusedLayer(t(wqkv), t(wqkv[q_out:]), t(layer.o_proj), t(wgu), t(p["down_proj"].effective_weight(adapter)))
 
 
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "kv": ("k_proj", "v_proj"), "gu": ("gate_proj", "up_proj"),
+          "d": ("down_proj",)}
+
+
+class Projections:
+    """One layer's projections under one adapter: `x @ W` with the fused, merged weights, plus for
+    the encoder adapter the low-rank correction scale·(B_e A_e − B_d A_d) on top of the decoder's
+    merged weights. So only ONE merged copy of the large projections exists (the decoder's, used
+    by every read); injections pay four rank-r GEMMs per projection instead of a second copy."""
+
+    def __init__(self, fused: FusedLayer, layer=None, adapter=None, base_adapter=None):
+        self.fused = fused
+        self.corr = {}
+        if layer is not None:
+            for group, names in GROUPS.items():
+                parts = []
+                for name in names:
+                    lin = layer.proj[name]
+                    if adapter in lin.adapters:
+                        a_e, b_e = lin.adapters[adapter]
+                        a_d, b_d = lin.adapters[base_adapter]
+                        parts.append((a_e.t().contiguous(), b_e.t().contiguous(), a_d.t().contiguous(), b_d.t().contiguous(), lin.scale))
+                    else:
+                        parts.append(None)
+                self.corr[group] = parts
+
+    def _apply(self, group: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = x @ w
+        parts = self.corr.get(group)
+        if not parts or all(p is None for p in parts):
+            return y
+        outs = []
+        for part, width in zip(parts, self._widths(group, y.shape[-1])):
+            if part is None:
+                outs.append(y.new_zeros(*y.shape[:-1], width))
+            else:
+                a_e, b_e, a_d, b_d, scale = part
+                outs.append(((x @ a_e) @ b_e - (x @ a_d) @ b_d) * scale)
+        return y + torch.cat(outs, dim=-1)
+
+    def _widths(self, group, total):
+        f = self.fused
+        q_out = f.wqkv.shape[1] - f.wkv.shape[1]
+        kv = f.wkv.shape[1] // 2
+        return {"qkv": (q_out, kv, kv), "kv": (kv, kv), "gu": (total // 2, total // 2), "d": (total,)}[group]
+
+    def qkv(self, x):
+        return self._apply("qkv", x, self.fused.wqkv)
+
+    def kv(self, x):
+        return self._apply("kv", x, self.fused.wkv)
+
+    def o(self, x):
+        return x @ self.fused.wo
+
+    def gu(self, x):
+        return self._apply("gu", x, self.fused.wgu)
+
+    def down(self, x):
+        return self._apply("d", x, self.fused.wd)
+
+
 class Bank:
     """Rows of one layer's LTM bank (or pending buffer), one RowBuffer per field."""
 
@@ -108,8 +170,9 @@ class FastBackend:
         self.scale = c.head_dim ** -0.5
         self.q_out, self.kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         dec, enc = reading_adapter(c), writing_adapter(c)
-        self.dec = [fuse_layer(l, dec, self.q_out) for l in model.weights.layers]
-        self.enc = [fuse_layer(l, enc, self.q_out) for l in model.weights.layers] if enc != dec else self.dec
+        self.dec = [Projections(fuse_layer(l, dec, self.q_out)) for l in model.weights.layers]
+        self.enc = ([Projections(d.fused, l, enc, dec) for d, l in zip(self.dec, model.weights.layers)]
+                    if enc != dec else self.dec)
         self.lm_head_t = model.weights.lm_head.t().contiguous()                 # (d, V), see FusedLayer
         if model.weights.lm_head is not model.weights.embed:
             model.weights.lm_head = self.lm_head_t.t()                           # one copy, two views
@@ -131,20 +194,20 @@ class FastBackend:
 
     def _kv_rows(self, l, rows, fused) -> torch.Tensor:
         """(k, 2, Hkv, D): pre-RoPE K and V of memory rows (k, d) under an adapter."""
-        kv = self._norm(l, rows) @ fused[l].wkv
+        kv = fused[l].kv(self._norm(l, rows))
         return kv.view(rows.shape[0], 2, self.hkv, self.hd)
 
     def retrieval_keys(self, l: int, rows: torch.Tensor) -> torch.Tensor:
         layer = self.m.weights.layers[l]
         return L_.selector(layer.selectors["key_proj"], self._norm(l, rows), self.cfg.hidden_act)
 
-    def _layer_rest(self, l, fused, residual, attn):
+    def _layer_rest(self, l, proj, residual, attn):
         """o_proj + residual + MLP: what follows attention in a layer."""
         c = self.cfg
-        x = residual + L_.merge_heads(attn) @ fused.wo
+        x = residual + proj.o(L_.merge_heads(attn))
         h = L_.rms_norm(x, self.m.weights.layers[l].post_norm, c.rms_norm_eps)
-        gate, up = (h @ fused.wgu).chunk(2, dim=-1)
-        return x + (L_.ACT[c.hidden_act](gate) * up) @ fused.wd
+        gate, up = proj.gu(h).chunk(2, dim=-1)
+        return x + proj.down(L_.ACT[c.hidden_act](gate) * up)
 
     def _split_qkv(self, qkv):
         q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], dim=-1)
@@ -326,7 +389,7 @@ class FastBackend:
             with nvtx_range(f"fast.read.layer{l}"):
                 fused = self.dec[l]
                 h = self._norm(l, x)
-                q, k_t, v_t = self._split_qkv(h @ fused.wqkv)
+                q, k_t, v_t = self._split_qkv(fused.qkv(h))
                 q, k_t = apply_rope(q, in_pos, inv_freq), apply_rope(k_t, in_pos, inv_freq)
                 if use_memory:
                     idx = self._retrieve(l, h, valid)
@@ -392,7 +455,7 @@ class FastBackend:
         x = m.weights.embed[tokens][:, None]
         for l in range(c.num_hidden_layers):
             fused = self.dec[l]
-            q, k, v = self._split_qkv(self._norm(l, x) @ fused.wqkv)
+            q, k, v = self._split_qkv(fused.qkv(self._norm(l, x)))
             q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
             s = cache.length[l]
             cache.k[l][:, :, s:s + 1], cache.v[l][:, :, s:s + 1] = k, v
@@ -424,7 +487,7 @@ class FastBackend:
                 if lead:  # a short context: the last `lead` STM tokens are queried too
                     rows = torch.cat([self.stm_h[l, self.order[l, c.stm_size - lead:]][None].to(x.dtype), x], dim=1)
                 rows = torch.cat([rows[:, :-T], rows[:, -T:] + m.weights.new_memory_pos], dim=1)
-                q, k_t, v_t = self._split_qkv(self._norm(l, rows) @ fused.wqkv)
+                q, k_t, v_t = self._split_qkv(fused.qkv(self._norm(l, rows)))
                 q, k_t = apply_rope(q, q_pos, inv_freq), apply_rope(k_t, q_pos, inv_freq)
                 k = torch.cat([k_pre[:, :, :p_len], k_t], dim=2)
                 v = torch.cat([v_pre[:, :, :p_len], v_t], dim=2)
