@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "ops/check.h"
+#include "ops/insertion.h"
 
 #include <algorithm>
 #include <cstring>
@@ -121,8 +122,24 @@ void assemble_rows_check_args(const at::Tensor& bos, const std::optional<at::Ten
   }
 }
 
-// Rows of a 2-D/3-D tensor must be contiguous for the raw copies; copy only if they are not.
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+AssembleInputs assemble_inputs(const at::Tensor& bos, const std::optional<at::Tensor>& bank,
+                               const std::optional<at::Tensor>& bank_index, const at::Tensor& stm,
+                               const std::optional<at::Tensor>& stm_order, const std::optional<at::Tensor>& new_,
+                               const std::optional<at::Tensor>& pos_emb) {
+  AssembleInputs in;
+  in.bos = bos.contiguous();
+  if (bank.has_value()) {
+    in.bank = unit_last_stride(*bank);
+    in.bank_index = bank_index->contiguous();
+  }
+  in.stm = unit_last_stride(stm);
+  if (stm_order.has_value()) in.stm_order = stm_order->contiguous();
+  if (new_.has_value()) in.new_rows = unit_last_stride(*new_);
+  if (pos_emb.has_value()) in.pos_emb = pos_emb->contiguous();
+  return in;
+}
 
 // ------------------------------------------------------------------------------------------ CPU
 void stm_update_cpu(at::Tensor& pool, at::Tensor& order, const at::Tensor& drop, const at::Tensor& new_rows) {
@@ -179,22 +196,17 @@ void assemble_rows_cpu(const at::Tensor& bos, const std::optional<at::Tensor>& b
   const int64_t B = out.size(0), rows = out.size(1), d = out.size(2);
   if (B == 0 || rows == 0 || d == 0) return;
   const int64_t R = bank.has_value() ? bank_index->size(1) : 0, N = stm.size(0);
-  auto bos_c = bos.contiguous();
-  auto bank_c = bank.has_value() ? unit_last_stride(*bank) : at::Tensor();
-  auto bidx = bank.has_value() ? bank_index->contiguous() : at::Tensor();
-  auto stm_c = unit_last_stride(stm);
-  auto sord = stm_order.has_value() ? stm_order->contiguous() : at::Tensor();
-  auto new_c = new_.has_value() ? unit_last_stride(*new_) : at::Tensor();
-  auto pe = pos_emb.has_value() ? pos_emb->contiguous() : at::Tensor();
+  const auto in = assemble_inputs(bos, bank, bank_index, stm, stm_order, new_, pos_emb);
+  const auto &bank_c = in.bank, &stm_c = in.stm, &new_c = in.new_rows;
   const int64_t first_pe = rows - pos_emb_rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "assemble_rows_cpu", [&] {
-    const scalar_t* bos_p = bos_c.data_ptr<scalar_t>();
+    const scalar_t* bos_p = in.bos.data_ptr<scalar_t>();
     const scalar_t* bank_p = bank.has_value() ? bank_c.data_ptr<scalar_t>() : nullptr;
-    const int64_t* bidx_p = bank.has_value() ? bidx.data_ptr<int64_t>() : nullptr;
+    const int64_t* bidx_p = bank.has_value() ? in.bank_index.data_ptr<int64_t>() : nullptr;
     const scalar_t* stm_p = stm_c.data_ptr<scalar_t>();
-    const int64_t* sord_p = stm_order.has_value() ? sord.data_ptr<int64_t>() : nullptr;
+    const int64_t* sord_p = stm_order.has_value() ? in.stm_order.data_ptr<int64_t>() : nullptr;
     const scalar_t* new_p = new_.has_value() ? new_c.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pe_p = pos_emb.has_value() ? pe.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pe_p = pos_emb.has_value() ? in.pos_emb.data_ptr<scalar_t>() : nullptr;
     scalar_t* out_p = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (d * int64_t(sizeof(scalar_t))));
     at::parallel_for(0, B * rows, grain, [&](int64_t begin, int64_t end) {

@@ -11,17 +11,9 @@
 #include <torch/library.h>
 
 #include "kernels/insertion.cuh"
+#include "ops/insertion.h"
 
 namespace mplus_fast {
-
-// csrc/ops/insertion.cpp
-at::Tensor stm_update_check_args(const at::Tensor& pool, const at::Tensor& order, const at::Tensor& drop,
-                                 const at::Tensor& new_rows);
-void assemble_rows_check_args(const at::Tensor& bos, const std::optional<at::Tensor>& bank,
-                              const std::optional<at::Tensor>& bank_index, const at::Tensor& stm,
-                              const std::optional<at::Tensor>& stm_order, const std::optional<at::Tensor>& new_,
-                              const std::optional<at::Tensor>& pos_emb, int64_t pos_emb_rows, const at::Tensor& out);
-at::Tensor unit_last_stride(const at::Tensor& t);
 
 namespace ik = insertion_kernels;
 
@@ -72,23 +64,17 @@ void assemble_rows_cuda(const at::Tensor& bos, const std::optional<at::Tensor>& 
   assemble_rows_check_args(bos, bank, bank_index, stm, stm_order, new_, pos_emb, pos_emb_rows, out);
   c10::cuda::CUDAGuard guard(out.device());
   const int64_t B = out.size(0), rows = out.size(1), d = out.size(2);
-  auto bos_c = bos.contiguous();
-  auto bank_c = bank.has_value() ? unit_last_stride(*bank) : at::Tensor();
-  auto bidx = bank.has_value() ? bank_index->contiguous() : at::Tensor();
-  auto stm_c = unit_last_stride(stm);
-  auto sord = stm_order.has_value() ? stm_order->contiguous() : at::Tensor();
-  auto new_c = new_.has_value() ? unit_last_stride(*new_) : at::Tensor();
-  auto pe = pos_emb.has_value() ? pos_emb->contiguous() : at::Tensor();
+  const auto in = assemble_inputs(bos, bank, bank_index, stm, stm_order, new_, pos_emb);
   ik::AssembleArgs a{};
-  a.bos = bos_c.data_ptr();
+  a.bos = in.bos.data_ptr();
   if (bank.has_value()) {
-    a.bank = bank_c.data_ptr(); a.bank_s0 = bank_c.stride(0);
-    a.bank_index = bidx.data_ptr<int64_t>(); a.R = bidx.size(1);
+    a.bank = in.bank.data_ptr(); a.bank_s0 = in.bank.stride(0);
+    a.bank_index = in.bank_index.data_ptr<int64_t>(); a.R = in.bank_index.size(1);
   }
-  a.stm = stm_c.data_ptr(); a.stm_s0 = stm_c.size(0) > 0 ? stm_c.stride(0) : 0; a.N = stm_c.size(0);
-  a.stm_order = stm_order.has_value() ? sord.data_ptr<int64_t>() : nullptr;
-  if (new_.has_value()) { a.new_rows = new_c.data_ptr(); a.new_s0 = new_c.stride(0); a.new_s1 = new_c.stride(1); }
-  a.pos_emb = pos_emb.has_value() ? pe.data_ptr() : nullptr;
+  a.stm = in.stm.data_ptr(); a.stm_s0 = in.stm.size(0) > 0 ? in.stm.stride(0) : 0; a.N = in.stm.size(0);
+  a.stm_order = stm_order.has_value() ? in.stm_order.data_ptr<int64_t>() : nullptr;
+  if (new_.has_value()) { a.new_rows = in.new_rows.data_ptr(); a.new_s0 = in.new_rows.stride(0); a.new_s1 = in.new_rows.stride(1); }
+  a.pos_emb = pos_emb.has_value() ? in.pos_emb.data_ptr() : nullptr;
   a.first_pe = rows - pos_emb_rows;
   a.out = out.data_ptr(); a.out_s0 = out.stride(0); a.out_s1 = out.stride(1); a.rows = rows; a.d = d;
   auto stream = c10::cuda::getCurrentCUDAStream();
