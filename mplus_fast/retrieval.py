@@ -22,9 +22,9 @@ def retrieval_scores(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def top_r_ascending(scores: torch.Tensor, r: int) -> torch.Tensor:
-    """The r best indices (ties: lower index first), returned in ascending index order."""
-    order = torch.sort(scores.float(), descending=True, stable=True).indices[:r]
-    return order.sort().values
+    """The r best indices along the last dim (ties: lower index first), in ascending index order."""
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :r]
+    return order.sort(dim=-1).values
 
 
 def order_by_age(indices: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from mplus_fast import retrieval as retrieval_semantics
 from mplus_fast.ops._library import define_op
 
 SCHEMA = (
@@ -60,9 +61,8 @@ def check_args(queries, keys, extra_keys, k, query_mask) -> None:
 
 
 def cyclic_indices(m: int, k: int, batch: int, device) -> torch.Tensor:
-    """SPEC §3, M < k: arange(m) repeated end to end, the last k entries: entry i = (i - k) mod m."""
-    row = torch.remainder(torch.arange(k, device=device) - k, m)
-    return row.expand(batch, k).contiguous()
+    """SPEC §3, M < k (mplus_fast.retrieval.cyclic_indices), one row per batch item."""
+    return retrieval_semantics.cyclic_indices(m, k).to(device).expand(batch, k).contiguous()
 
 
 def retrieval_scores_reference(queries, keys, extra_keys=None, query_mask=None) -> torch.Tensor:
@@ -83,9 +83,7 @@ def retrieval_topk_reference(queries, keys, extra_keys=None, k: int = 1, query_m
     if m < k:
         return cyclic_indices(m, k, batch, queries.device), queries.new_zeros((batch, k), dtype=torch.float32)
     scores = retrieval_scores_reference(queries, keys, extra_keys, query_mask)  # (B, M+E)
-    # stable descending sort: among equal scores the lower index comes first
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    indices = torch.sort(order, dim=1).values
+    indices = retrieval_semantics.top_r_ascending(scores, k)  # ties: the lower index wins
     return indices, torch.gather(scores, 1, indices)
 
 

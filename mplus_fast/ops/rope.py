@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from mplus_fast.ops._library import define_op
+from mplus_fast.rope import apply_rope
 
 __all__ = ["rope_apply", "rope_apply_reference", "check_rope_args"]
 
@@ -47,21 +48,11 @@ def check_rope_args(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Te
         )
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, attention_scaling: float = 1.0):
-    """HF Llama's cos/sin: (..., D) in `dtype`, for positions (...,)."""
-    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)  # (..., D/2) fp32
-    emb = torch.cat((freqs, freqs), dim=-1)  # (..., D)
-    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
-
-
 def rope_apply_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                          attention_scaling: float = 1.0) -> torch.Tensor:
+    """The engine's RoPE (mplus_fast.rope.apply_rope: Hugging Face Llama semantics), checked."""
     check_rope_args(x, positions, inv_freq)
-    cos, sin = rope_cos_sin(positions, inv_freq, x.dtype, attention_scaling)  # (S|B,S, D)
-    cos, sin = (cos[None, None], sin[None, None]) if positions.dim() == 1 else (cos[:, None], sin[:, None])
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half(x)
-    return (x * cos + rotated * sin).contiguous()
+    return apply_rope(x, positions, inv_freq, attention_scaling).contiguous()
 
 
 def _rope_fake(x, positions, inv_freq, attention_scaling=1.0):
