@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from mplus_fast import layers as L_
-from mplus_fast.backends.reference import KVCache, ReadResult
+from mplus_fast.backends.reference import ReadResult
+from mplus_fast.kvcache import KVCache
 from mplus_fast.memory import MemoryState, UpdateRecord, prune_decision, randperm_split, tile_to
 from mplus_fast.profiling import nvtx_range
 from mplus_fast.ops.attention import memory_attention, merge_attention_states
@@ -315,7 +316,7 @@ class FastBackend:
 
     # ------------------------------------------------------------------ retrieval
     def _retrieve(self, l, h, valid):
-        """(B, R') indices in placement order over [bank; pending], and the gathered K/V rows."""
+        """(B, R') indices over [bank; pending], in placement order (oldest first)."""
         c = self.cfg
         R, B = c.ltm_retrieved, h.shape[0]
         if R == 0 or len(self.bank[l]) == 0:
@@ -330,8 +331,8 @@ class FastBackend:
             mask = valid
         # Fused scoring + top-R (native kernel when built): ascending indices over [bank; pending].
         idx, _ = retrieval_topk(queries, bank.keys.live, pend.keys.live if len(pend) else None, R, mask)
-        ages = torch.cat([bank.ages.live, pend.ages.live]) if len(pend) else bank.ages.live
-        by_age = torch.sort(-ages.to(idx.device)[idx], dim=1, stable=True).indices
+        ages = gather_split(bank.ages.live, pend.ages.live, idx.to(bank.ages.device), n_l)
+        by_age = torch.sort(-ages.to(idx.device), dim=1, stable=True).indices
         return torch.gather(idx, 1, by_age)
 
     def _fetch_kv(self, l, idx):
@@ -341,21 +342,11 @@ class FastBackend:
         copied on its own stream), overlapping the caller's work until the callable is called."""
         bank, pend = self.bank[l], self.pend[l]
         n_l = len(bank)
-        in_bank = idx < n_l
-        bank_idx = idx.clamp(max=n_l - 1)
         if self.placement == "host":
-            handle = self._engine(bank.kv.data, idx.numel()).request(bank_idx.to(self.ltm_device))
-            get_bank = handle.wait
-        else:
-            rows = bank.kv.live[bank_idx]
-            get_bank = lambda: rows  # noqa: E731
-
-        def finish():
-            rows = get_bank().to(self.m.device, non_blocking=True)
-            if len(pend) and not bool(in_bank.all()):
-                rows = torch.where(in_bank[..., None, None, None], rows, pend.kv.live[(idx - n_l).clamp(min=0)])
-            return rows
-        return finish
+            handle = self._engine(bank.kv.data, idx.numel()).request(idx.clamp(max=n_l - 1).to(self.ltm_device))
+            return lambda: fill_pending(handle.wait().to(self.m.device, non_blocking=True), pend.kv.live, idx, n_l)
+        rows = gather_split(bank.kv.live, pend.kv.live, idx, n_l)
+        return lambda: rows
 
     def _engine(self, bank_rows, n_rows):
         """The prefetch engine, pointed at this layer's bank (one request in flight at a time)."""
@@ -368,8 +359,7 @@ class FastBackend:
 
     def _provenance(self, l, idx):
         bank, pend = self.bank[l], self.pend[l]
-        prov = torch.cat([bank.prov.live, pend.prov.live]) if len(pend) else bank.prov.live
-        return prov[idx.to(prov.device)].cpu()
+        return gather_split(bank.prov.live, pend.prov.live, idx.to(bank.prov.device), len(bank)).cpu()
 
     # ------------------------------------------------------------------ reading
     def read(self, ids, valid, *, cache_extra: int | None = None, last_only: bool = False) -> ReadResult:
@@ -457,11 +447,8 @@ class FastBackend:
             fused = self.dec[l]
             q, k, v = self._split_qkv(fused.qkv(self._norm(l, x)))
             q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-            s = cache.length[l]
-            cache.k[l][:, :, s:s + 1], cache.v[l][:, :, s:s + 1] = k, v
-            cache.valid[l][:, s] = True
-            cache.length[l] = s + 1
-            attn = attention(q, cache.k[l][:, :, : s + 1], cache.v[l][:, :, : s + 1], cache.valid[l][:, None, None, : s + 1])
+            k_all, v_all, valid = cache.append(l, k, v)
+            attn = attention(q, k_all, v_all, valid[:, None, None, :])
             x = self._layer_rest(l, fused, x, attn)
         cache.next_pos = cache.next_pos + 1
         x = L_.rms_norm(x[:, 0], m.weights.final_norm, c.rms_norm_eps)
@@ -567,7 +554,21 @@ class FastBackend:
         return pruned
 
 
-# ---------------------------------------------------------------------- kernels (PyTorch)
+# ---------------------------------------------------------------------- helpers
+def fill_pending(rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Tensor, n_l: int) -> torch.Tensor:
+    """`rows` holds bank rows at idx.clamp(max=n_l-1); replace those whose index points past the
+    bank (idx >= n_l) by pending row idx - n_l. Indices number [bank; pending]."""
+    past = idx >= n_l
+    if pend_rows.shape[0] == 0 or not bool(past.any()):
+        return rows
+    past = past.view(*idx.shape, *([1] * (rows.dim() - idx.dim())))
+    return torch.where(past, pend_rows[(idx - n_l).clamp(min=0)], rows)
+
+
+def gather_split(bank_rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Tensor, n_l: int) -> torch.Tensor:
+    """Rows of [bank_rows; pend_rows] at idx without concatenating the (large) bank."""
+    return fill_pending(bank_rows[idx.clamp(max=n_l - 1)], pend_rows, idx, n_l)
+
 def attention(q, k, v, mask):
     """Grouped-query attention with a boolean mask (True = attend), float32 softmax inside SDPA."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -11,33 +11,12 @@ from dataclasses import dataclass
 import torch
 
 from mplus_fast import layers as F_
+from mplus_fast.kvcache import KVCache
 from mplus_fast.memory import MemoryState, UpdateRecord, apply_update
 from mplus_fast.profiling import nvtx_range
 from mplus_fast.retrieval import select_ltm_rows
 from mplus_fast.rope import apply_rope
 from mplus_fast.weights import reading_adapter, writing_adapter
-
-
-@dataclass
-class KVCache:
-    """Static per-layer cache: keys after RoPE, values; `valid` marks attendable slots."""
-    k: list[torch.Tensor]        # per layer (B, Hkv, capacity, D)
-    v: list[torch.Tensor]
-    length: list[int]            # filled slots per layer (equal across the batch)
-    valid: list[torch.Tensor]    # per layer (B, capacity) bool
-    next_pos: torch.Tensor       # (B,) int64 RoPE position of the next token
-
-    def add_layer(self, k, v, key_valid, extra: int) -> None:
-        """Append one layer's prefill keys/values with room for `extra` decoded tokens."""
-        B, H, S, D = k.shape
-        kc, vc = k.new_zeros(B, H, S + extra, D), v.new_zeros(B, H, S + extra, D)
-        kc[:, :, :S], vc[:, :, :S] = k, v
-        valid = torch.zeros(B, S + extra, dtype=torch.bool, device=k.device)
-        valid[:, :S] = key_valid
-        self.k.append(kc)
-        self.v.append(vc)
-        self.valid.append(valid)
-        self.length.append(S)
 
 
 @dataclass
@@ -173,12 +152,8 @@ class ReferenceBackend:
             h = F_.rms_norm(x, layer.input_norm, c.rms_norm_eps)
             q, k, v = self._qkv(layer, h, 1, adapter)
             q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-            s = cache.length[l]
-            cache.k[l][:, :, s:s + 1], cache.v[l][:, :, s:s + 1] = k, v
-            cache.valid[l][:, s] = True
-            cache.length[l] = s + 1
-            mask = cache.valid[l][:, None, None, : s + 1]
-            out = F_.attention(q, cache.k[l][:, :, : s + 1], cache.v[l][:, :, : s + 1], mask)
+            k_all, v_all, valid = cache.append(l, k, v)
+            out = F_.attention(q, k_all, v_all, valid[:, None, None, :])
             x = self._finish_layer(layer, x, out, adapter)
         cache.next_pos = cache.next_pos + 1
         x = F_.rms_norm(x, m.weights.final_norm, c.rms_norm_eps)

@@ -1,0 +1,38 @@
+"""The static key/value cache of generation (SPEC §4): filled at prefill with room for the tokens
+to come, one slot written per decode step; `valid` masks left padding and unwritten slots."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    """Static per-layer cache: keys after RoPE, values; `valid` marks attendable slots."""
+    k: list[torch.Tensor]        # per layer (B, Hkv, capacity, D)
+    v: list[torch.Tensor]
+    length: list[int]            # filled slots per layer (equal across the batch)
+    valid: list[torch.Tensor]    # per layer (B, capacity) bool
+    next_pos: torch.Tensor       # (B,) int64 RoPE position of the next token
+
+    def add_layer(self, k, v, key_valid, extra: int) -> None:
+        """Append one layer's prefill keys/values with room for `extra` decoded tokens."""
+        B, H, S, D = k.shape
+        kc, vc = k.new_zeros(B, H, S + extra, D), v.new_zeros(B, H, S + extra, D)
+        kc[:, :, :S], vc[:, :, :S] = k, v
+        valid = torch.zeros(B, S + extra, dtype=torch.bool, device=k.device)
+        valid[:, :S] = key_valid
+        self.k.append(kc)
+        self.v.append(vc)
+        self.valid.append(valid)
+        self.length.append(S)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write one decode step's k/v (B, Hkv, 1, D) into layer `layer`; returns the filled
+        keys, values and valid mask (B, S+1) to attend over."""
+        s = self.length[layer]
+        self.k[layer][:, :, s:s + 1], self.v[layer][:, :, s:s + 1] = k, v
+        self.valid[layer][:, s] = True
+        self.length[layer] = s + 1
+        return self.k[layer][:, :, : s + 1], self.v[layer][:, :, : s + 1], self.valid[layer][:, : s + 1]
