@@ -106,6 +106,8 @@ def test_fast_bf16_error_budget(ckpt_factory):
     ref, fast = pair(path, dtype=torch.bfloat16)
     a, b = ref(q), fast(q)
     err_ref, err_fast = rel_err(a.logits, truth.logits), rel_err(b.logits, truth.logits)
+    # + 1e-3: an absolute floor of a few bf16 ulps of the logits, for when the reference's own
+    # error happens to be tiny on this prompt
     assert err_fast <= 2 * err_ref + 1e-3, f"fast bf16 error {err_fast:.2e} vs reference bf16 error {err_ref:.2e}"
     assert all(torch.equal(x, y) for x, y in zip(b.ltm_indices, truth.ltm_indices))
 
