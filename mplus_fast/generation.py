@@ -4,10 +4,17 @@ Decoding follows Hugging Face `generate`: logits → temperature → top-k → t
 argmax when greedy); a sequence that produced an end-of-sequence id is finished and padded with
 the pad id from then on; generation stops at `max_new_tokens` or when all are finished. Sampling
 draws from the model's own generator, so seeded runs repeat exactly.
+
+Two loops with the same results: the fast backend decodes with `decoding.StaticDecoder` (device
+state, CUDA graph on a GPU) whenever the RoPE frequencies stay fixed over the steps; otherwise
+(and for the reference backend) the plain loop below runs one `decode_step` per token.
 """
 from __future__ import annotations
 
 import torch
+
+from mplus_fast.decoding import StaticDecoder
+from mplus_fast.sampling import next_tokens
 
 
 def resolve_eos(model, eos_token_id) -> list[int]:
@@ -28,31 +35,6 @@ def resolve_pad(model, pad_token_id, eos: list[int]) -> int:
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     return int(pad_token_id)
-
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """logits (B, V) float32 → filtered logits (masked entries −inf), HF warper order."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cum <= (1 - top_p)
-        remove_sorted[..., -1:] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-        logits = logits.masked_fill(remove, float("-inf"))
-    return logits
-
-
-def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k, top_p, generator: torch.Generator) -> torch.Tensor:
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
 
 
 def check_options(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
@@ -80,11 +62,30 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
     if max_new_tokens == 0:
         return ids
     res = model.backend.read(ids, valid, cache_extra=max_new_tokens, last_only=True)
-    cache = res.cache
-    logits = res.logits[:, -1]
-    eos_t = torch.tensor(eos, dtype=torch.long, device=ids.device)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    out = [ids]
+    if use_static_decoder(model, res.cache, max_new_tokens):
+        inv_freq = model.rope.inv_freq_for(int(res.cache.next_pos.max()))
+        decoder = StaticDecoder(model.backend, res.cache, inv_freq, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad=pad,
+                                generator=model.generator)
+        return torch.cat([ids, decoder.run(res.logits[:, -1])], dim=1)
+    return torch.cat([ids, step_loop(model, res.cache, res.logits[:, -1], max_new_tokens, do_sample, temperature,
+                                     top_k, top_p, eos, pad)], dim=1)
+
+
+def use_static_decoder(model, cache, max_new_tokens: int) -> bool:
+    """The backend can decode with device-side state, and RoPE stays fixed over all steps."""
+    if not hasattr(model.backend, "decode_forward"):
+        return False
+    first = int(cache.next_pos.max())
+    return model.rope.fixed_over(first, first + max_new_tokens - 2)
+
+
+def step_loop(model, cache, logits, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad) -> torch.Tensor:
+    """The plain loop: choose on the host, one `decode_step` per token. Returns (B, k) new ids."""
+    B, dev = logits.shape[0], logits.device
+    eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = []
     for step in range(max_new_tokens):
         tok = next_tokens(logits, do_sample, temperature, top_k, top_p, model.generator)
         tok = torch.where(finished, torch.full_like(tok, pad), tok)

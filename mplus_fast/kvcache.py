@@ -36,3 +36,16 @@ class KVCache:
         self.valid[layer][:, s] = True
         self.length[layer] = s + 1
         return self.k[layer][:, :, : s + 1], self.v[layer][:, :, : s + 1], self.valid[layer][:, : s + 1]
+
+    def write(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one decode step's k/v (B, Hkv, 1, D) at slot `slot` (a (1,) int64 tensor on the
+        cache's device) and mark it attendable: no host synchronisation, no Python state, so a
+        step built on it can be captured in a CUDA graph. `length`/`next_pos` are the caller's."""
+        self.k[layer].index_copy_(2, slot, k)
+        self.v[layer].index_copy_(2, slot, v)
+        self.valid[layer].index_fill_(1, slot, True)
+
+    def advance(self) -> None:
+        """Account for one step written with `write` in every layer."""
+        self.length = [n + 1 for n in self.length]
+        self.next_pos = self.next_pos + 1

@@ -79,6 +79,15 @@ class RotaryEmbedding:
                 self.cached_len = self.max_pos
         return self.inv_freq
 
+    def fixed_over(self, first: int, last: int) -> bool:
+        """Whether calls `inv_freq_for(p)` for p = first, …, last (in order) all return the current
+        frequencies and leave the state as it is (always, except dynamic growth or reset)."""
+        if self.type != "dynamic" or last < first:
+            return True
+        grows = last + 1 > self.cached_len
+        resets = first + 1 < self.max_pos and self.cached_len > self.max_pos
+        return not (grows or resets)
+
     def state(self) -> dict:
         return {"inv_freq": self.inv_freq.clone(), "cached_len": self.cached_len}
 

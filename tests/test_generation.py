@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mplus_fast
-from mplus_fast.generation import filter_logits
+from mplus_fast.sampling import filter_logits
 
 
 def test_greedy_equals_argmax_of_forward(ckpt_factory):

@@ -439,18 +439,28 @@ class FastBackend:
         return k, v, key_valid
 
     def decode_step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-        m, c = self.m, self.cfg
+        """One cached step for tokens (B,); returns float32 logits (B, V)."""
         pos = cache.next_pos[:, None]
-        inv_freq = m.rope.inv_freq_for(int(pos.max()))
+        inv_freq = self.m.rope.inv_freq_for(int(pos.max())).to(tokens.device)
+        slot = torch.full((1,), cache.length[0], dtype=torch.int64, device=tokens.device)
+        logits = self.decode_forward(cache, tokens, pos, slot, inv_freq)
+        cache.advance()
+        return logits
+
+    def decode_forward(self, cache: KVCache, tokens, pos, slot, inv_freq) -> torch.Tensor:
+        """Tokens (B,) at positions pos (B, 1) through every layer, their k/v written at cache
+        slot `slot` ((1,) tensor); float32 logits (B, V). Every input is a tensor already on the
+        device and nothing reads back to the host, so `decoding.StaticDecoder` can capture it in
+        a CUDA graph; attention runs over the whole static cache, unwritten slots masked."""
+        m, c = self.m, self.cfg
         x = m.weights.embed[tokens][:, None]
         for l in range(c.num_hidden_layers):
             fused = self.dec[l]
             q, k, v = self._split_qkv(fused.qkv(self._norm(l, x)))
             q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-            k_all, v_all, valid = cache.append(l, k, v)
-            attn = attention(q, k_all, v_all, valid[:, None, None, :])
+            cache.write(l, slot, k, v)
+            attn = decode_attention(q, cache.k[l], cache.v[l], cache.valid[l])
             x = self._layer_rest(l, fused, x, attn)
-        cache.next_pos = cache.next_pos + 1
         x = L_.rms_norm(x[:, 0], m.weights.final_norm, c.rms_norm_eps)
         return (x @ self.lm_head_t).float()
 
@@ -568,6 +578,16 @@ def fill_pending(rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Tensor,
 def gather_split(bank_rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Tensor, n_l: int) -> torch.Tensor:
     """Rows of [bank_rows; pend_rows] at idx without concatenating the (large) bank."""
     return fill_pending(bank_rows[idx.clamp(max=n_l - 1)], pend_rows, idx, n_l)
+
+def decode_attention(q, k, v, valid):
+    """One query token per sequence: q (B, H, 1, D) over k/v (B, Hkv, S, D) where valid (B, S).
+    The G = H/Hkv query heads sharing a kv head become G query rows of that head, so SDPA reads
+    each kv head once (no repeat of K/V to H heads) and can use its fused kernels."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=valid[:, None, None, :])
+    return out.reshape(B, H, 1, D)
+
 
 def attention(q, k, v, mask):
     """Grouped-query attention with a boolean mask (True = attend), float32 softmax inside SDPA."""

@@ -1,0 +1,150 @@
+"""Static decoding for the fast backend (issue 4 §5): the whole `generate` loop with its per-step
+state in device tensors, so that on a GPU one step (forward, logits processing, sampling, EOS
+bookkeeping) is a single captured CUDA graph, and on a CPU a step is one Python call.
+
+Sampling on the device without changing the random stream (see `sampling`): each step draws
+the Exp(1) noise `torch.multinomial` would draw from the model's CPU generator, and the device
+does the argmax, so tokens and generator state equal the reference loop's (tests/test_decoding.py
+checks both). With a GPU, the noise for step s+1
+is drawn while step s runs, and undone (generator state restored) if step s finished every
+sequence.
+
+`MPLUS_FAST_CUDA_GRAPHS=0` turns graph capture off (eager static steps, same results).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from mplus_fast.kvcache import KVCache
+from mplus_fast.sampling import exponential_noise, filter_logits
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2   # eager steps on the capture stream before capturing (cuBLAS/allocator set-up)
+
+
+def graphs_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("MPLUS_FAST_CUDA_GRAPHS", "1") != "0"
+
+
+class StaticDecoder:
+    """Decodes `max_new_tokens` from a prefill's cache and last logits (see module doc)."""
+
+    def __init__(self, backend, cache: KVCache, inv_freq: torch.Tensor, *, max_new_tokens: int, do_sample: bool,
+                 temperature: float, top_k, top_p, eos: list[int], pad: int, generator: torch.Generator):
+        dev = cache.next_pos.device
+        B, V = cache.next_pos.shape[0], backend.cfg.vocab_size
+        self.backend, self.cache, self.generator = backend, cache, generator
+        self.max_new = max_new_tokens
+        self.sampling = (do_sample, temperature, top_k, top_p)
+        self.has_eos = bool(eos)
+        self.inv_freq = inv_freq.to(device=dev, dtype=torch.float32)
+        # Everything a step reads or writes, at fixed addresses (a captured graph replays on them).
+        self.eos = torch.tensor(eos or [-1], dtype=torch.int64, device=dev)
+        self.pad = torch.full((B,), pad, dtype=torch.int64, device=dev)
+        self.pos = cache.next_pos[:, None].clone()                            # (B, 1)
+        self.slot = torch.full((1,), cache.length[0], dtype=torch.int64, device=dev)
+        self.step = torch.zeros(1, dtype=torch.int64, device=dev)             # column of `out`
+        self.tok = torch.zeros(B, dtype=torch.int64, device=dev)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.out = torch.full((B, max_new_tokens), pad, dtype=torch.int64, device=dev)
+        self.noise = torch.ones(B, V, dtype=torch.float32, device=dev) if do_sample else None
+        self.host_noise = None
+        if do_sample and dev.type == "cuda":
+            self.host_noise = torch.empty(B, V, dtype=torch.float32).pin_memory()
+        self.graph = None                 # the captured step, once there is one
+        self._stream, self._warm, self._capture_failed = None, 0, False
+
+    # ------------------------------------------------------------------ one step, on the device
+    def _choose(self, logits: torch.Tensor) -> None:
+        """Pick, record and account the next token from float32 logits (B, V)."""
+        do_sample, temperature, top_k, top_p = self.sampling
+        if do_sample:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+            tok = (probs / self.noise).argmax(dim=-1)
+        else:
+            tok = logits.argmax(dim=-1)
+        tok = torch.where(self.finished, self.pad, tok)
+        self.out.index_copy_(1, self.step, tok[:, None])
+        self.finished |= (tok[:, None] == self.eos).any(dim=-1)
+        self.tok.copy_(tok)
+        self.step += 1
+
+    def _advance(self) -> None:
+        """Forward the last chosen token, then choose the next: one graph-capturable step."""
+        logits = self.backend.decode_forward(self.cache, self.tok, self.pos, self.slot, self.inv_freq)
+        self.pos += 1
+        self.slot += 1
+        self._choose(logits)
+
+    # ------------------------------------------------------------------ the loop, on the host
+    def _draw_noise(self) -> None:
+        if self.noise is None:
+            return
+        if self.host_noise is None:                      # CPU: draw straight into the step's buffer
+            exponential_noise(self.noise.shape, self.generator, out=self.noise)
+        else:
+            exponential_noise(self.host_noise.shape, self.generator, out=self.host_noise)
+            self.noise.copy_(self.host_noise)            # stream-ordered after the running step
+
+    def _all_finished(self) -> bool:
+        return self.has_eos and bool(self.finished.all())
+
+    def run(self, first_logits: torch.Tensor) -> torch.Tensor:
+        """Returns the new tokens (B, k), k ≤ max_new_tokens (fewer when every sequence ended).
+        The generator is consumed exactly as the reference loop consumes it: one draw per chosen
+        token when sampling, none after the step that finished every sequence."""
+        self._draw_noise()
+        self._choose(first_logits)
+        done = 1
+        if done < self.max_new and not self._all_finished():
+            self._draw_noise()
+            while True:
+                self._step(done)
+                done += 1
+                if done == self.max_new:
+                    break
+                saved = self.generator.get_state() if self.noise is not None and self.has_eos else None
+                self._draw_noise()          # for the next step, overlapping the running one on a GPU
+                if self._all_finished():
+                    if saved is not None:   # the reference would not have drawn it
+                        self.generator.set_state(saved)
+                    break
+        return self.out[:, :done]
+
+    def _step(self, done: int) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not graphs_enabled(self.tok.device) or self.max_new - done <= WARMUP_STEPS:
+            self._advance()
+            return
+        self._advance_or_capture(done)
+
+    def _advance_or_capture(self, done: int) -> None:
+        """On a GPU: the first steps run eagerly on a side stream (warm-up), then the step is
+        captured once and replayed from then on. A capture that fails falls back to eager steps
+        (capturing executes nothing, so no state is touched)."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        if self._capture_failed or self._warm < WARMUP_STEPS:
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                self._advance()
+            torch.cuda.current_stream().wait_stream(self._stream)
+            self._warm += 1
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                self._advance()
+        except Exception as e:  # noqa: BLE001 - any capture failure: decode eagerly instead
+            log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", e)
+            self._capture_failed = True
+            self._advance()
+            return
+        self.graph = graph
+        graph.replay()
