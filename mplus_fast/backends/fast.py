@@ -30,6 +30,8 @@ from mplus_fast.kvcache import KVCache
 from mplus_fast.memory import MemoryState, UpdateRecord, prune_decision, randperm_split, tile_to
 from mplus_fast.profiling import nvtx_range
 from mplus_fast.ops.attention import memory_attention, merge_attention_states
+from mplus_fast.ops.decode import decode_attention as decode_attention_op
+from mplus_fast.ops.decode import decode_attention_reference, decode_gemv
 from mplus_fast.ops.retrieval import retrieval_topk
 from mplus_fast.ops.insertion import stm_update_
 from mplus_fast.rope import apply_rope
@@ -83,8 +85,8 @@ class Projections:
                         parts.append(None)
                 self.corr[group] = parts
 
-    def _apply(self, group: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        y = x @ w
+    def _apply(self, group: str, x: torch.Tensor, w: torch.Tensor, mm) -> torch.Tensor:
+        y = mm(x, w)
         parts = self.corr.get(group)
         if not parts or all(p is None for p in parts):
             return y
@@ -103,20 +105,23 @@ class Projections:
         kv = f.wkv.shape[1] // 2
         return {"qkv": (q_out, kv, kv), "kv": (kv, kv), "gu": (total // 2, total // 2), "d": (total,)}[group]
 
-    def qkv(self, x):
-        return self._apply("qkv", x, self.fused.wqkv)
+    # `mm` computes x @ w: BLAS by default, `decode_matmul` for the rows of a decode step. The
+    # choice is per call site, never per row count, so memory rows (STM, bank) get bit-identical
+    # K/V however many are projected at once (save → reload → continue stays bit-exact).
+    def qkv(self, x, mm=torch.matmul):
+        return self._apply("qkv", x, self.fused.wqkv, mm)
 
-    def kv(self, x):
-        return self._apply("kv", x, self.fused.wkv)
+    def kv(self, x, mm=torch.matmul):
+        return self._apply("kv", x, self.fused.wkv, mm)
 
-    def o(self, x):
-        return x @ self.fused.wo
+    def o(self, x, mm=torch.matmul):
+        return mm(x, self.fused.wo)
 
-    def gu(self, x):
-        return self._apply("gu", x, self.fused.wgu)
+    def gu(self, x, mm=torch.matmul):
+        return self._apply("gu", x, self.fused.wgu, mm)
 
-    def down(self, x):
-        return self._apply("d", x, self.fused.wd)
+    def down(self, x, mm=torch.matmul):
+        return self._apply("d", x, self.fused.wd, mm)
 
 
 class Bank:
@@ -202,13 +207,13 @@ class FastBackend:
         layer = self.m.weights.layers[l]
         return L_.selector(layer.selectors["key_proj"], self._norm(l, rows), self.cfg.hidden_act)
 
-    def _layer_rest(self, l, proj, residual, attn):
+    def _layer_rest(self, l, proj, residual, attn, mm=torch.matmul):
         """o_proj + residual + MLP: what follows attention in a layer."""
         c = self.cfg
-        x = residual + proj.o(L_.merge_heads(attn))
+        x = residual + proj.o(L_.merge_heads(attn), mm)
         h = L_.rms_norm(x, self.m.weights.layers[l].post_norm, c.rms_norm_eps)
-        gate, up = proj.gu(h).chunk(2, dim=-1)
-        return x + proj.down(L_.ACT[c.hidden_act](gate) * up)
+        gate, up = proj.gu(h, mm).chunk(2, dim=-1)
+        return x + proj.down(L_.ACT[c.hidden_act](gate) * up, mm)
 
     def _split_qkv(self, qkv):
         q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], dim=-1)
@@ -456,13 +461,13 @@ class FastBackend:
         x = m.weights.embed[tokens][:, None]
         for l in range(c.num_hidden_layers):
             fused = self.dec[l]
-            q, k, v = self._split_qkv(fused.qkv(self._norm(l, x)))
+            q, k, v = self._split_qkv(fused.qkv(self._norm(l, x), decode_matmul))
             q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
             cache.write(l, slot, k, v)
-            attn = decode_attention(q, cache.k[l], cache.v[l], cache.valid[l])
-            x = self._layer_rest(l, fused, x, attn)
+            attn = decode_attention(q, cache.k[l], cache.v[l], cache.valid[l], self.scale)
+            x = self._layer_rest(l, fused, x, attn, decode_matmul)
         x = L_.rms_norm(x[:, 0], m.weights.final_norm, c.rms_norm_eps)
-        return (x @ self.lm_head_t).float()
+        return decode_matmul(x, self.lm_head_t).float()
 
     # ------------------------------------------------------------------ writing
     def inject(self, ids: torch.Tensor) -> torch.Tensor:
@@ -579,14 +584,24 @@ def gather_split(bank_rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Te
     """Rows of [bank_rows; pend_rows] at idx without concatenating the (large) bank."""
     return fill_pending(bank_rows[idx.clamp(max=n_l - 1)], pend_rows, idx, n_l)
 
-def decode_attention(q, k, v, valid):
-    """One query token per sequence: q (B, H, 1, D) over k/v (B, Hkv, S, D) where valid (B, S).
-    The G = H/Hkv query heads sharing a kv head become G query rows of that head, so SDPA reads
-    each kv head once (no repeat of K/V to H heads) and can use its fused kernels."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, attn_mask=valid[:, None, None, :])
-    return out.reshape(B, H, 1, D)
+DECODE_ROWS = 8   # x @ w with at most this many rows (a decode step's batch) is a GEMV
+
+
+def decode_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w (K, N) for a decode step: on the CPU its few rows go through the native
+    decode_gemv (every weight read once, one sequential stream per thread); otherwise BLAS."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.device.type == "cpu" and 0 < rows <= DECODE_ROWS:
+        return decode_gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+    return x @ w
+
+
+def decode_attention(q, k, v, valid, scale: float):
+    """One query token over the static cache: the native CPU kernel, SDPA (the op's reference,
+    one read of each kv head for its query group) elsewhere."""
+    if q.device.type == "cpu":
+        return decode_attention_op(q, k, v, valid, scale)
+    return decode_attention_reference(q, k, v, valid, scale)
 
 
 def attention(q, k, v, mask):

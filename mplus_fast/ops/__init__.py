@@ -9,6 +9,8 @@
 | rope_apply | rope | HF-Llama RoPE at arbitrary per-row positions (any variant via inv_freq) |
 | memory_attention | attention | queries over [prefix rows (gathered, RoPE on load), causal tail], GQA, returns out + lse |
 | merge_attention_states | attention | exact log-sum-exp merge of two partial attentions |
+| decode_gemv | decode | x @ w for the few rows of a decode step, each weight read once (CPU) |
+| decode_attention | decode | one query token over the static decode cache with a validity mask, GQA (CPU) |
 """
 from mplus_fast.ops._library import build_info, load_extension
 
@@ -19,5 +21,6 @@ from mplus_fast.ops import retrieval  # noqa: E402,F401  retrieval_topk
 from mplus_fast.ops import insertion  # noqa: E402,F401  stm_update_, assemble_rows
 from mplus_fast.ops import rope  # noqa: E402,F401  (op 5)
 from mplus_fast.ops import attention  # noqa: E402,F401  (op 4)
+from mplus_fast.ops import decode  # noqa: E402,F401  decode_gemv, decode_attention
 
 __all__ = ["build_info", "load_extension"]

@@ -1,0 +1,87 @@
+"""Op 6: the memory-bound halves of a one-token decode step on the CPU.
+
+`torch.ops.mplus_fast.decode_gemv(x, w) -> Tensor`
+
+    x        (M, K) float32 / bfloat16 / float16, M small (the decoded rows), any row stride.
+    w        (K, N) of x's dtype, stored (in, out) as the fast backend keeps its projections.
+    returns  (M, N) = x @ w, float32 accumulation, x's dtype.
+
+`torch.ops.mplus_fast.decode_attention(q, k, v, valid, scale) -> Tensor`
+
+    q        (B, Hq, 1, D) float32 / bfloat16 / float16: one query token per sequence.
+    k, v     (B, Hkv, S, D) of q's dtype, Hq divisible by Hkv (GQA: query head h reads kv head
+             h // (Hq / Hkv)); the static decode cache, keys already rotated.
+    valid    (B, S) bool: the keys each sequence may attend (written slots, not padding).
+    scale    softmax scale (head_dim ** -0.5).
+    returns  (B, Hq, 1, D) contiguous: softmax(q·kᵀ·scale over valid keys) · v; a row with no
+             valid key is zero (as SDPA's fused kernels).
+
+Kernels: CPU (csrc/ops/decode.cpp): column-blocked GEMV reading each weight once; split-key
+attention sharing every K/V row among the query heads of its group, merged by log-sum-exp. On a
+GPU the engine calls cuBLAS / SDPA directly (these references), so there are no CUDA kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mplus_fast.ops._library import define_op
+
+__all__ = ["decode_gemv", "decode_attention", "decode_gemv_reference", "decode_attention_reference"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_decode_gemv_args(x: torch.Tensor, w: torch.Tensor) -> None:
+    if x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"decode_gemv: x must be (M, K) float32/bfloat16/float16, got {tuple(x.shape)} {x.dtype}")
+    if w.dim() != 2 or w.shape[0] != x.shape[1] or w.dtype != x.dtype:
+        raise ValueError(f"decode_gemv: w must be (K={x.shape[1]}, N) of x's dtype {x.dtype}, got {tuple(w.shape)} {w.dtype}")
+    if w.device != x.device:
+        raise ValueError(f"decode_gemv: x ({x.device}) and w ({w.device}) must share a device")
+
+
+def check_decode_attention_args(q, k, v, valid) -> None:
+    if q.dim() != 4 or q.shape[2] != 1 or q.dtype not in _FLOAT_DTYPES or q.shape[3] == 0:
+        raise ValueError(f"decode_attention: q must be (B, Hq, 1, D) float32/bfloat16/float16, got {tuple(q.shape)} {q.dtype}")
+    B, Hq, _, D = q.shape
+    if k.dim() != 4 or k.shape[0] != B or k.shape[1] == 0 or Hq % k.shape[1] or k.shape[3] != D or k.dtype != q.dtype:
+        raise ValueError(f"decode_attention: k must be (B={B}, Hkv, S, D={D}) of q's dtype with Hq={Hq} divisible by "
+                         f"Hkv, got {tuple(k.shape)} {k.dtype}")
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"decode_attention: v must have k's shape {tuple(k.shape)} and dtype, got {tuple(v.shape)} {v.dtype}")
+    if valid.dtype != torch.bool or tuple(valid.shape) != (B, k.shape[2]):
+        raise ValueError(f"decode_attention: valid must be bool (B={B}, S={k.shape[2]}), got {tuple(valid.shape)} {valid.dtype}")
+    if not (k.device == v.device == valid.device == q.device):
+        raise ValueError("decode_attention: q, k, v and valid must share a device")
+
+
+def decode_gemv_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    check_decode_gemv_args(x, w)
+    return x @ w
+
+
+def decode_attention_reference(q, k, v, valid, scale: float) -> torch.Tensor:
+    """The G = Hq/Hkv query heads of a kv head become G query rows of it, so SDPA reads each kv
+    head once (no repeat of K/V to Hq heads) and can use its fused kernels."""
+    check_decode_attention_args(q, k, v, valid)
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=valid[:, None, None, :],
+                                         scale=scale)
+    return out.reshape(B, Hq, 1, D).contiguous()
+
+
+def _gemv_fake(x, w):
+    check_decode_gemv_args(x, w)
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+def _attention_fake(q, k, v, valid, scale):
+    check_decode_attention_args(q, k, v, valid)
+    return q.new_empty(q.shape)
+
+
+decode_gemv = define_op("decode_gemv(Tensor x, Tensor w) -> Tensor", decode_gemv_reference, _gemv_fake)
+decode_attention = define_op("decode_attention(Tensor q, Tensor k, Tensor v, Tensor valid, float scale) -> Tensor",
+                             decode_attention_reference, _attention_fake)
