@@ -252,6 +252,7 @@ class MPlus:
             "ltm_placement": self.ltm_placement,
             "stm_tokens_per_layer": c.stm_size,
             "ltm_tokens_per_layer": st["ltm_sizes"],
+            "synthetic_ltm": st.get("synthetic_ltm", False),
             "ltm_retrieved_per_layer": c.ltm_retrieved,
             "pending_tokens": st["pending"],
             "update_step": st["update_step"],
