@@ -48,7 +48,7 @@ class RowBuffer:
             raise ValueError(f"rows of shape {tuple(rows.shape[1:])} do not fit a buffer of rows {self.row_shape}")
         k = rows.shape[0]
         self.reserve(self.len + k)
-        self.data[self.len: self.len + k] = rows.to(self.device, self.dtype)
+        self.data[self.len: self.len + k].copy_(rows)  # converts dtype/device in one pass, no staging copy
         self.len += k
 
     def keep(self, survivors: torch.Tensor) -> None:
