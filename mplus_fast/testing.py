@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from mplus_fast.config import MPlusConfig
-from mplus_fast.model import LTM_PLACEMENTS, MPlus
+from mplus_fast.model import LTM_PLACEMENTS, MPlus, resolve_device
 from mplus_fast.weights import expected_weight_shapes
 
 TINY_MPLUS = dict(
@@ -133,7 +133,7 @@ def random_model(config: MPlusConfig, *, device, dtype: torch.dtype, ltm_tokens:
       Device total ≈ 45 GB resident, ≈ 48 GB at generation with the bank on the device; ≈ 25 and
       ≈ 28 GB with it on the host (host: 20.1 GB pinned bank + 13.0 GB originals)."""
     _check_random_model_args(config, ltm_tokens, ltm_placement, backend, weight_std)
-    device = torch.device(device)
+    device = resolve_device(device)
     g = torch.Generator(device=device).manual_seed(seed)
     model = MPlus(config, _random_state(config, g, weight_std, device=device, dtype=dtype), device=device,
                   dtype=dtype, backend=backend, seed=seed, ltm_placement=ltm_placement)
