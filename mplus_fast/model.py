@@ -38,6 +38,15 @@ class MPlusOutput:
         return counts
 
 
+def resolve_device(device) -> torch.device:
+    """`"cuda"` → `cuda:<current device>`: tensors on a GPU always report an index, and inputs are
+    checked against the model's device by equality (`cuda` != `cuda:0`)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -58,7 +67,7 @@ class MPlus:
             raise ValueError(f"ltm_placement={ltm_placement!r} needs backend='fast' (the reference keeps its bank as loaded)")
         self.ltm_placement = ltm_placement
         self.config = config
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype or _default_dtype(self.device)
         if not self.dtype.is_floating_point:
             raise TypeError(f"dtype={self.dtype} is not a floating-point dtype")
@@ -252,6 +261,7 @@ class MPlus:
             "ltm_placement": self.ltm_placement,
             "stm_tokens_per_layer": c.stm_size,
             "ltm_tokens_per_layer": st["ltm_sizes"],
+            "synthetic_ltm": st.get("synthetic_ltm", False),
             "ltm_retrieved_per_layer": c.ltm_retrieved,
             "pending_tokens": st["pending"],
             "update_step": st["update_step"],

@@ -65,3 +65,12 @@ def test_failure_inside_update_leaves_memory_unchanged(tiny_model, monkeypatch):
     for k in before:
         if not k.endswith("generator_state"):  # the draw happened; nothing else may change
             assert torch.equal(before[k], after[k]), k
+
+
+def test_an_unindexed_cuda_device_is_resolved(monkeypatch):
+    """device="cuda" must equal the device GPU tensors report (cuda:N), or every input is refused."""
+    from mplus_fast.model import resolve_device
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -13,7 +13,8 @@ stored hidden states under fixed adapters, so they are computed once:
 - LTM bank and pending buffer: pre-RoPE K/V rows (gathered per prompt, rotated on load at
   positions 1..R), retrieval keys, ages, recall frequencies, provenance, in growable row buffers
   (append in place, compact at merges). Hidden states are kept only for `save_pretrained`
-  (upstream layout), on the CPU: n_l × d × dtype bytes per layer.
+  (upstream layout), on the CPU: n_l × d × dtype bytes per layer. Synthetic rows for benchmarks
+  (`add_synthetic_ltm`) have none, and such a memory refuses to be materialised or saved.
 Weights: each adapter merged into fused projections (QKV, gate|up), so a forward is a few GEMMs.
 The memory state in the reference layout (`memory_state()`) is materialised on demand.
 """
@@ -124,8 +125,14 @@ class Projections:
         return self._apply("d", x, self.fused.wd, mm)
 
 
+class SyntheticBankError(RuntimeError):
+    """The memory holds synthetic LTM rows (no hidden states): it cannot be materialised or saved."""
+
+
 class Bank:
-    """Rows of one layer's LTM bank (or pending buffer), one RowBuffer per field."""
+    """Rows of one layer's LTM bank (or pending buffer), one RowBuffer per field. `hidden` is None
+    once synthetic rows were added (`drop_hidden`): they have K/V and retrieval keys but no hidden
+    state, and from then on neither have the rows merged in later (the layout must stay aligned)."""
 
     def __init__(self, kv_shape, d, s, dtype, device, kv_device=None, hidden_device="cpu"):
         kv_device = torch.device(kv_device or device)
@@ -145,12 +152,24 @@ class Bank:
         self.keys.append(keys)
         self.ages.append(ages)
         self.prov.append(prov)
-        self.hidden.append(hidden)
+        if self.hidden is not None:
+            self.hidden.append(hidden)
         if rf is not None:
             self.rf.append(rf)
 
+    def drop_hidden(self) -> None:
+        self.hidden = None
+
+    def reserve(self, rows: int) -> None:
+        """Capacity for `rows` rows in every field (exactly `rows` when the bank is empty), so
+        filling it chunk by chunk never doubles a buffer nor copies the rows already in."""
+        for b in (self.kv, self.keys, self.ages, self.prov, self.rf, self.hidden):
+            if b is not None:
+                b.reserve(rows)
+
     def buffers(self):
-        return [self.kv, self.keys, self.ages, self.prov, self.hidden] + ([self.rf] if len(self.rf) else [])
+        fields = [self.kv, self.keys, self.ages, self.prov] + ([self.hidden] if self.hidden is not None else [])
+        return fields + ([self.rf] if len(self.rf) else [])
 
     def keep(self, survivors):
         for b in self.buffers():
@@ -255,6 +274,11 @@ class FastBackend:
     def memory_state(self) -> MemoryState:
         if self._snapshot is not None:
             return self._snapshot
+        if self.synthetic_ltm:
+            raise SyntheticBankError(
+                "the LTM bank holds synthetic rows (random K/V and retrieval keys from add_synthetic_ltm, "
+                "e.g. mplus_fast.testing.random_model, for benchmarks) without hidden states: the memory "
+                "cannot be materialised in the reference layout (model.state) nor saved (save_pretrained)")
         c = self.cfg
         idx = self.order
         st = MemoryState(stm=torch.stack([self.stm_h[l, idx[l]] for l in range(c.num_hidden_layers)]),
@@ -275,9 +299,46 @@ class FastBackend:
         self._snapshot = st
         return st
 
+    @property
+    def synthetic_ltm(self) -> bool:
+        return any(b.hidden is None for b in self.bank)
+
     def counts(self) -> dict:
         return {"ltm_sizes": [len(b) for b in self.bank], "pending": len(self.pend[0]) if self.pend else 0,
-                "update_step": self.update_step, "injections": self.next_injection_id, "initialized": self.initialized}
+                "update_step": self.update_step, "injections": self.next_injection_id, "initialized": self.initialized,
+                "synthetic_ltm": self.synthetic_ltm}
+
+    def add_synthetic_ltm(self, n: int, generator: torch.Generator, chunk_rows: int = 16_384) -> None:
+        """Append `n` random rows to every layer's LTM bank, for benchmarks at the released size
+        without a checkpoint: pre-RoPE K/V and retrieval keys ~ N(0, 1), ages in [0, max LTM size),
+        recall frequencies in [0, initial_rf), provenance -1. Drawn on the compute device from
+        `generator`, `chunk_rows` rows at a time, and moved to where the bank keeps them, into
+        buffers reserved once: the peak is the bank itself plus one chunk. No hidden states are
+        made (153,600 rows x 32 layers x 4,096 bf16 would be 40 GB of host memory), so from now on
+        `memory_state()` (model.state, save_pretrained) raises `SyntheticBankError`."""
+        c = self.cfg
+        if not c.is_mplus:
+            raise ValueError("add_synthetic_ltm: this is a MemoryLLM model, which has no long-term memory")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"add_synthetic_ltm: n={n!r} must be a non-negative integer (rows per layer)")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
+            raise ValueError(f"add_synthetic_ltm: chunk_rows={chunk_rows!r} must be a positive integer")
+        for bank in self.bank:
+            bank.drop_hidden()
+            bank.reserve(len(bank) + n)
+            for start in range(0, n, chunk_rows):
+                kv, keys, ages, prov, rf = self._synthetic_rows(min(chunk_rows, n - start), generator)
+                bank.append(kv, keys, ages, prov, None, rf)
+        self._dirty()
+
+    def _synthetic_rows(self, k: int, g: torch.Generator):
+        c, dev = self.cfg, self.m.device
+        kv = torch.randn((k, 2, self.hkv, self.hd), generator=g, device=dev, dtype=self.m.dtype)
+        keys = torch.randn((k, c.selector_hidden_dim), generator=g, device=dev, dtype=self.m.dtype)
+        ages = torch.randint(0, max(c.max_ltm_tokens, 1), (k,), generator=g, device=dev)
+        prov = torch.full((k,), -1, dtype=torch.int64, device=dev)
+        rf = torch.rand(k, generator=g, device=dev, dtype=torch.float64) * c.initial_rf_when_moving_stm_to_ltm
+        return kv, keys, ages, prov, rf
 
     def memory_bytes_by_device(self) -> dict:
         out: dict[str, int] = {}
