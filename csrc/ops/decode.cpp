@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace mplus_fast {
@@ -149,25 +150,83 @@ struct Partial {  // one split's unnormalised result for its G query heads
   std::vector<float> l;  // G: sum of 2^(s - m)
 };
 
+// out[g * ld] = q[g] . kr for g < G (q: G rows of D floats). Scalar fallback, vectorisable.
+void dots_scalar(const float* q, int64_t G, int64_t D, const float* kr, float* out, int64_t ld) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
+    out[g * ld] = dot;
+  }
+}
+
+// o[g] += p[g * ldp] * vr for g < G. Scalar fallback, vectorisable.
+void axpys_scalar(const float* p, int64_t ldp, int64_t G, int64_t D, const float* vr, float* o) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float pg = p[g * ldp];
+    float* og = o + g * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) og[d] += pg * vr[d];
+  }
+}
+
+#if defined(__x86_64__)
+// AVX2 + FMA versions for D % 8 == 0, selected at run time (the build targets baseline x86-64).
+__attribute__((target("avx2,fma"))) void dots_avx2(const float* q, int64_t G, int64_t D, const float* kr, float* out,
+                                                   int64_t ld) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kr + d), acc);
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    out[g * ld] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void axpys_avx2(const float* p, int64_t ldp, int64_t G, int64_t D, const float* vr,
+                                                    float* o) {
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 pg = _mm256_set1_ps(p[g * ldp]);
+    float* og = o + g * D;
+    for (int64_t d = 0; d < D; d += 8)
+      _mm256_storeu_ps(og + d, _mm256_fmadd_ps(pg, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(og + d)));
+  }
+}
+#endif
+
+using DotsFn = void (*)(const float*, int64_t, int64_t, const float*, float*, int64_t);
+using AxpysFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*);
+
+// A row of T as floats: the row itself for float, else converted into `buf`.
+template <typename T>
+inline const float* as_float_row(const T* row, int64_t D, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<float>(row[d]);
+    return buf;
+  }
+}
+
 template <typename T>
 void attend_split(const T* q, const T* k, const T* v, int64_t sks, int64_t svs, const bool* valid, int64_t n,
                   int64_t G, int64_t D, float qscale, Partial& part, std::vector<float>& scores) {
+  DotsFn dots = dots_scalar;
+  AxpysFn axpys = axpys_scalar;
+#if defined(__x86_64__)
+  if (kHaveAvx2 && D % 8 == 0) {
+    dots = dots_avx2;
+    axpys = axpys_avx2;
+  }
+#endif
   std::vector<float> qf(static_cast<size_t>(G * D));
   for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]) * qscale;
   scores.assign(static_cast<size_t>(G * n), kNegInf);
-  std::vector<float> kf(static_cast<size_t>(D));
-  for (int64_t s = 0; s < n; ++s) {
-    if (!valid[s]) continue;
-    const T* ks = k + s * sks;
-    for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(ks[d]);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf.data() + g * D;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qg[d] * kf[d];
-      scores[g * n + s] = dot;
-    }
-  }
+  std::vector<float> buf(static_cast<size_t>(D));
+  for (int64_t s = 0; s < n; ++s)
+    if (valid[s]) dots(qf.data(), G, D, as_float_row(k + s * sks, D, buf.data()), scores.data() + s, n);
   part.o.assign(static_cast<size_t>(G * D), 0.0f);
   part.m.assign(static_cast<size_t>(G), kNegInf);
   part.l.assign(static_cast<size_t>(G), 0.0f);
@@ -182,17 +241,8 @@ void attend_split(const T* q, const T* k, const T* v, int64_t sks, int64_t svs, 
     }
     part.l[g] = exp2_sub_sum(row, n, mx);
   }
-  for (int64_t s = 0; s < n; ++s) {
-    if (!valid[s]) continue;
-    const T* vs = v + s * svs;
-    for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(vs[d]);
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = scores[g * n + s];
-      float* og = part.o.data() + g * D;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) og[d] += p * kf[d];
-    }
-  }
+  for (int64_t s = 0; s < n; ++s)
+    if (valid[s]) axpys(scores.data() + s, n, G, D, as_float_row(v + s * svs, D, buf.data()), part.o.data());
 }
 
 template <typename T>
