@@ -124,14 +124,14 @@ def random_model(config: MPlusConfig, *, device, dtype: torch.dtype, ltm_tokens:
         STM 2.7 (drawn) + 2.7 (slotted copy) + STM K/V 1.3 ≈ 39 GB, then the originals of the
         adapted projections go to host memory (13.0 GB, kept only for saving) and the drawn
         tensors are released. So drawing on the device fits an 80 GB H100; no host draw needed.
-      resident on the device: weights 18.3 (merged QKV, K|V, O, gate|up, down 14.5 + rank-16
-        encoder corrections 0.17, o_proj original 1.07, embeddings 1.05, lm_head 1.05, selectors
-        0.43) + STM 4.0 (hidden 2.7, K/V 1.3) + LTM retrieval keys 2.5 + ages/frequencies/
+      resident on the device: weights 16.7 (merged QKV, O, gate|up, down 14.0 (K|V and the
+        original o_proj are views of these) + rank-16 encoder corrections 0.17, embeddings 1.05,
+        lm_head 1.05, selectors 0.43) + STM 4.0 (hidden 2.7, K/V 1.3) + LTM retrieval keys 2.5 + ages/frequencies/
         provenance 0.12, and LTM K/V 20.1 with ltm_placement="device" (pinned host memory with "host").
       per prompt: rotated [bos | STM] keys/values 1.3 (cached), decode cache of a 512-token
         prompt + 32 new tokens 1.75.
-      Device total ≈ 45 GB resident, ≈ 48 GB at generation with the bank on the device; ≈ 25 and
-      ≈ 28 GB with it on the host (host: 20.1 GB pinned bank + 13.0 GB originals)."""
+      Device total ≈ 43 GB resident, ≈ 46 GB at generation with the bank on the device; ≈ 23 and
+      ≈ 26 GB with it on the host (host: 20.1 GB pinned bank + 13.0 GB originals)."""
     _check_random_model_args(config, ltm_tokens, ltm_placement, backend, weight_std)
     device = resolve_device(device)
     g = torch.Generator(device=device).manual_seed(seed)

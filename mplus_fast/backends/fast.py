@@ -42,11 +42,11 @@ from mplus_fast.weights import reading_adapter, writing_adapter
 
 @dataclass
 class FusedLayer:
-    """One layer's projections for one adapter, merged (W + scale·B·A), fused, and stored
-    transposed, (in, out): `x @ w` then reads the weight row-major, which on CPU runs the
-    one-token decode GEMVs near memory bandwidth (1.7× faster than `F.linear` on (out, in))."""
+    """One layer's projections for one adapter, merged (W + scale·B·A), fused, as (in, out)
+    operands of `x @ w` (`in_out`: row-major for float32 on the CPU, where the one-token decode
+    GEMVs stream them near memory bandwidth; a transposed view elsewhere)."""
     wqkv: torch.Tensor   # (d, q_out + 2 kv_out)
-    wkv: torch.Tensor    # (d, 2 kv_out): the K|V part alone, for memory rows
+    wkv: torch.Tensor    # (d, 2 kv_out): the K|V columns of wqkv (a view), for memory rows
     wo: torch.Tensor     # (q_out, d)
     wgu: torch.Tensor    # (d, 2 inter)
     wd: torch.Tensor     # (inter, d)
@@ -56,8 +56,21 @@ def fuse_layer(layer, adapter, q_out: int) -> FusedLayer:
     p = layer.proj
     wqkv = torch.cat([p["q_proj"].effective_weight(adapter), p["k_proj"].effective_weight(adapter), p["v_proj"].effective_weight(adapter)])
     wgu = torch.cat([p["gate_proj"].effective_weight(adapter), p["up_proj"].effective_weight(adapter)])
-    t = lambda w: w.t().contiguous()  # noqa: E731
-    return FusedLayer(t(wqkv), t(wqkv[q_out:]), t(layer.o_proj), t(wgu), t(p["down_proj"].effective_weight(adapter)))
+    wqkv_t = in_out(wqkv)
+    wo = in_out(layer.o_proj)
+    layer.o_proj = wo.t()    # o_proj has no adapter: the original becomes a view of `wo` (one copy)
+    # wkv: a column view of wqkv, which BLAS reads as is: no copy.
+    return FusedLayer(wqkv_t, wqkv_t[:, q_out:], wo, in_out(wgu), in_out(p["down_proj"].effective_weight(adapter)))
+
+
+def in_out(w: torch.Tensor) -> torch.Tensor:
+    """A weight stored (out, in), as the (in, out) operand of `x @ w`. float32 on the CPU: a
+    row-major copy, which the decode GEMVs stream (see decode_gemv). Otherwise a transposed view
+    of the row-major (out, in) weight: what cuBLAS and the CPU's bf16/fp16 GEMMs take directly (a
+    row-major (in, out) bf16 weight runs ~40x slower on the CPU)."""
+    if w.device.type == "cpu" and w.dtype == torch.float32:
+        return w.t().contiguous()
+    return w.contiguous().t()
 
 
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "kv": ("k_proj", "v_proj"), "gu": ("gate_proj", "up_proj"),
@@ -81,7 +94,7 @@ class Projections:
                     if adapter in lin.adapters:
                         a_e, b_e = lin.adapters[adapter]
                         a_d, b_d = lin.adapters[base_adapter]
-                        parts.append((a_e.t().contiguous(), b_e.t().contiguous(), a_d.t().contiguous(), b_d.t().contiguous(), lin.scale))
+                        parts.append((in_out(a_e), in_out(b_e), in_out(a_d), in_out(b_d), lin.scale))
                     else:
                         parts.append(None)
                 self.corr[group] = parts
@@ -198,7 +211,7 @@ class FastBackend:
         self.dec = [Projections(fuse_layer(l, dec, self.q_out)) for l in model.weights.layers]
         self.enc = ([Projections(d.fused, l, enc, dec) for d, l in zip(self.dec, model.weights.layers)]
                     if enc != dec else self.dec)
-        self.lm_head_t = model.weights.lm_head.t().contiguous()                 # (d, V), see FusedLayer
+        self.lm_head_t = in_out(model.weights.lm_head)                           # (d, V), see FusedLayer
         if model.weights.lm_head is not model.weights.embed:
             model.weights.lm_head = self.lm_head_t.t()                           # one copy, two views
         if model.device.type != "cpu":
@@ -652,7 +665,7 @@ def decode_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ w (K, N) for a decode step: on the CPU its few rows go through the native
     decode_gemv (every weight read once, one sequential stream per thread); otherwise BLAS."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type == "cpu" and 0 < rows <= DECODE_ROWS:
+    if x.device.type == "cpu" and 0 < rows <= DECODE_ROWS and w.stride(1) == 1:
         return decode_gemv(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
     return x @ w
 
