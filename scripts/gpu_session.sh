@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session in ONE device call (a lent H100/H200 with a CUDA torch preinstalled; no network):
 #   nvidia-smi and versions → build the CUDA extension in place → GPU tests (ops, prefetch, random
-#   model) → released-geometry engine benchmark → CPU parity tests → op and engine benchmarks →
+#   model, CUDA-graph decoding) → released-geometry engine benchmark → CPU parity tests → op and engine benchmarks →
 #   a one-line-per-benchmark report. Logs, JUnit XML and benchmark JSON go to $OUT.
 #
 #   bash scripts/gpu_session.sh              # on the GPU machine; OUT defaults to ./gpu-out
@@ -106,7 +106,7 @@ tests_gpu() {
     "$PY" -m pytest -q -p no:cacheprovider tests/test_random_model.py --junitxml="$OUT/tests-gpu.xml"
   else
     MPLUS_FAST_REQUIRE_EXT=1 "$PY" -m pytest -q -p no:cacheprovider tests/ops tests/test_prefetch.py \
-      tests/test_random_model.py --junitxml="$OUT/tests-gpu.xml"
+      tests/test_random_model.py tests/test_decoding.py --junitxml="$OUT/tests-gpu.xml"
   fi
 }
 bench_engine() {
