@@ -103,7 +103,7 @@ class StaticDecoder:
         if done < self.max_new and not self._all_finished():
             self._draw_noise()
             while True:
-                self._step(done)
+                self._step(self.max_new - done)
                 done += 1
                 if done == self.max_new:
                     break
@@ -115,16 +115,17 @@ class StaticDecoder:
                     break
         return self.out[:, :done]
 
-    def _step(self, done: int) -> None:
+    def _step(self, remaining: int) -> None:
+        """One step: the captured graph if there is one; else eager, or (on a GPU with enough
+        steps left to pay for a capture) warm-up and capture."""
         if self.graph is not None:
             self.graph.replay()
-            return
-        if not graphs_enabled(self.tok.device) or self.max_new - done <= WARMUP_STEPS:
+        elif not graphs_enabled(self.tok.device) or remaining <= WARMUP_STEPS:
             self._advance()
-            return
-        self._advance_or_capture(done)
+        else:
+            self._advance_or_capture()
 
-    def _advance_or_capture(self, done: int) -> None:
+    def _advance_or_capture(self) -> None:
         """On a GPU: the first steps run eagerly on a side stream (warm-up), then the step is
         captured once and replayed from then on. A capture that fails falls back to eager steps
         (capturing executes nothing, so no state is touched)."""
