@@ -130,6 +130,17 @@ def test_decode(benchmark, models, machine_floors, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_generate(benchmark, models, machine_floors, backend):
+    """`generate` end to end (32-token prompt, 16 greedy tokens): prefill plus the decode loop the
+    user gets (the fast backend's static decoder, the reference's per-token loop)."""
+    model = models[0][backend]
+    ids = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
+    new = 16
+    record(benchmark, machine_floors, model, prompt=32, new_tokens=new)
+    benchmark.pedantic(lambda: model.generate(ids, max_new_tokens=new, eos_token_id=[]), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inject_with_update(benchmark, models, machine_floors, backend):
     model = models[0][backend]
     ctx = torch.randint(3, model.config.vocab_size, (1, INJECT), generator=torch.Generator().manual_seed(2))

@@ -16,12 +16,24 @@ class KVCache:
     valid: list[torch.Tensor]    # per layer (B, capacity) bool
     next_pos: torch.Tensor       # (B,) int64 RoPE position of the next token
 
-    def add_layer(self, k, v, key_valid, extra: int) -> None:
-        """Append one layer's prefill keys/values with room for `extra` decoded tokens."""
-        B, H, S, D = k.shape
-        kc, vc = k.new_zeros(B, H, S + extra, D), v.new_zeros(B, H, S + extra, D)
-        kc[:, :, :S], vc[:, :, :S] = k, v
-        valid = torch.zeros(B, S + extra, dtype=torch.bool, device=k.device)
+    def add_layer(self, k_parts, v_parts, key_valid, extra: int) -> None:
+        """Append one layer's prefill keys/values, the concatenation along the sequence of
+        `k_parts` / `v_parts` (each (B or 1, Hkv, s_i, D)), with room for `extra` decoded tokens:
+        each part is written straight into the static cache (no concatenation first, no zero fill
+        of what is overwritten; the unwritten slots are zeroed, masked keys must not be NaN)."""
+        B, S = key_valid.shape
+        H, D = k_parts[-1].shape[1], k_parts[-1].shape[3]
+        kc, vc = k_parts[-1].new_empty(B, H, S + extra, D), v_parts[-1].new_empty(B, H, S + extra, D)
+        start = 0
+        for kp, vp in zip(k_parts, v_parts):
+            n = kp.shape[2]
+            kc[:, :, start:start + n], vc[:, :, start:start + n] = kp, vp
+            start += n
+        if start != S:
+            raise ValueError(f"KVCache.add_layer: the parts hold {start} keys but key_valid has {S}")
+        kc[:, :, S:].zero_()
+        vc[:, :, S:].zero_()
+        valid = torch.zeros(B, S + extra, dtype=torch.bool, device=kc.device)
         valid[:, :S] = key_valid
         self.k.append(kc)
         self.v.append(vc)

@@ -500,7 +500,8 @@ class FastBackend:
         return merge_attention_states(out, lse, out_l, lse_l)[0], rows
 
     def _full_prefix(self, l, rows, k_t, v_t, valid, ltm_pos, inv_freq, use_memory):
-        """Keys (rotated) and values of [bos | LTM | STM | prompt] for the decode cache."""
+        """Keys (rotated) and values of [bos | LTM | STM | prompt] for the decode cache, as parts
+        (the shared ones broadcast over the batch) and the key validity (B, S)."""
         B = k_t.shape[0]
         k_parts, v_parts = [], []
         if use_memory:
@@ -511,11 +512,9 @@ class FastBackend:
                 v_parts.append(rows[:, :, 1].transpose(1, 2))
             k_parts.append(k_s[:, :, 1:].expand(B, -1, -1, -1))
             v_parts.append(v_s[:, :, 1:].expand(B, -1, -1, -1))
-        k = torch.cat(k_parts + [k_t], dim=2)
-        v = torch.cat(v_parts + [v_t], dim=2)
-        p_len = k.shape[2] - k_t.shape[2]
-        key_valid = torch.cat([torch.ones(B, p_len, dtype=torch.bool, device=k.device), valid], dim=1)
-        return k, v, key_valid
+        p_len = sum(k.shape[2] for k in k_parts)
+        key_valid = torch.cat([torch.ones(B, p_len, dtype=torch.bool, device=k_t.device), valid], dim=1)
+        return k_parts + [k_t], v_parts + [v_t], key_valid
 
     def decode_step(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """One cached step for tokens (B,); returns float32 logits (B, V)."""

@@ -135,7 +135,7 @@ class ReferenceBackend:
                 out = F_.attention(q, k, v, mask)
                 x = self._finish_layer(layer, x, out, adapter)
                 if cache is not None:
-                    cache.add_layer(k, v, key_valid, cache_extra)
+                    cache.add_layer([k], [v], key_valid, cache_extra)
         x = F_.rms_norm(x[:, -1:] if last_only else x, m.weights.final_norm, c.rms_norm_eps)
         logits = torch.nn.functional.linear(x, m.weights.lm_head).float()
         return ReadResult(logits, all_idx, all_prov, cache)
