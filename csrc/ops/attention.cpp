@@ -10,6 +10,7 @@
 // float32 scratch (at::cpu::mm_out / addmm_, single-threaded inside the parallel region), and an
 // online softmax with a vectorised exp2 in between. Output and lse (natural log) are written once.
 #include "ops/rope.h"
+#include "ops/check.h"
 #include "ops/softmax.h"
 
 #include <ATen/CPUFunctions.h>
@@ -33,20 +34,14 @@ namespace {
 
 constexpr int64_t kRowsTarget = 256;  // query rows (all heads of a kv group) per task
 constexpr int64_t kKeyBlock = 512;    // key rows per block (GEMMs of 128 x 512 x D reach ~75 GF/s/core)
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-bool is_float_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-}
 
 // Mirrors check_memory_attention_args in mplus_fast/ops/attention.py. Returns P.
 int64_t check_args(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
                    const std::optional<at::Tensor>& idx, const std::optional<at::Tensor>& pos,
                    const std::optional<at::Tensor>& freq, const at::Tensor& kt, const at::Tensor& vt,
                    const std::optional<at::Tensor>& tmask) {
-  TORCH_CHECK(q.dim() == 4 && is_float_type(q) && q.size(3) > 0,
+  TORCH_CHECK(q.dim() == 4 && is_float(q) && q.size(3) > 0,
               "memory_attention: q must be (B, Hq, n, D) float32/bfloat16/float16, got ", q.sizes(), " ",
               q.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3);
@@ -291,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor> memory_attention_cpu(const at::Tensor& q, con
 // --- merge_attention_states ---------------------------------------------------------------------
 
 void check_merge(const at::Tensor& oa, const at::Tensor& la, const at::Tensor& ob, const at::Tensor& lb) {
-  TORCH_CHECK(oa.dim() >= 1 && is_float_type(oa), "merge_attention_states: out_a must be (..., D) float, got ",
+  TORCH_CHECK(oa.dim() >= 1 && is_float(oa), "merge_attention_states: out_a must be (..., D) float, got ",
               oa.sizes(), " ", oa.scalar_type());
   TORCH_CHECK(ob.sizes() == oa.sizes() && ob.scalar_type() == oa.scalar_type() && ob.device() == oa.device(),
               "merge_attention_states: out_b must match out_a ", oa.sizes(), " ", oa.scalar_type(), ", got ",

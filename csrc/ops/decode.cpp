@@ -10,6 +10,7 @@
 // and value row loaded (GQA), scores for the split go to a float32 scratch, then an exp2 pass
 // (vectorised, shared with memory_attention) and the P·V pass. Splits are merged by log-sum-exp.
 // Keys and values are each read once, sequentially.
+#include "ops/check.h"
 #include "ops/softmax.h"
 
 #include <ATen/ATen.h>
@@ -27,17 +28,10 @@
 namespace mplus_fast {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-bool is_float_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
-}
-
 // ------------------------------------------------------------------------------ decode_gemv
 // Mirrors check_decode_gemv_args in mplus_fast/ops/decode.py.
 void check_gemv_args(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && is_float_type(x), "decode_gemv: x must be (M, K) float32/bfloat16/float16, got ",
+  TORCH_CHECK(x.dim() == 2 && is_float(x), "decode_gemv: x must be (M, K) float32/bfloat16/float16, got ",
               x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type(),
               "decode_gemv: w must be (K=", x.size(1), ", N) of x's dtype ", x.scalar_type(), ", got ", w.sizes(), " ",
@@ -126,7 +120,7 @@ at::Tensor decode_gemv_cpu(const at::Tensor& x_in, const at::Tensor& w_in) {
 // ------------------------------------------------------------------------------ decode_attention
 // Mirrors check_decode_attention_args in mplus_fast/ops/decode.py.
 void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && is_float_type(q) && q.size(3) > 0,
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && is_float(q) && q.size(3) > 0,
               "decode_attention: q must be (B, Hq, 1, D) float32/bfloat16/float16, got ", q.sizes(), " ",
               q.scalar_type());
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3);

@@ -5,8 +5,12 @@
 #include <immintrin.h>
 #endif
 #include <cstdint>
+#include <limits>
 
 namespace mplus_fast {
+
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // 2^x for x <= 0 (0 below -126, including -inf); ~1 ulp; written to vectorise (Taylor of degree 7
 // on [-0.5, 0.5], error < 1e-8 relative).
