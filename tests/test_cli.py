@@ -16,7 +16,7 @@ import mplus_fast
 from mplus_fast.cli import app
 from mplus_fast.testing import make_random_checkpoint
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""Parity with the authors' reference outputs (../shared/fixtures, SPEC §10): every row."""
+"""Parity with the authors' reference outputs (tests/fixtures, made by the authors' code): every row."""
 from __future__ import annotations
 
 import pytest
