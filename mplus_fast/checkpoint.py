@@ -4,22 +4,22 @@ Reading: `config.json` + `model.safetensors` or a sharded `model.safetensors.ind
 tensor checked against the config (missing, unexpected, wrong shape → one CheckpointError naming
 it). Writing: the same layout, plus the extra state that lets a reload continue exactly
 (pending buffer, ages, update step; provenance, generator and RoPE state under `mplus_fast.`),
-written atomically: into a temporary sibling directory that replaces the target only once
-complete, so a crash or a full disk never leaves a half-written checkpoint and never loses the
-previous one.
+written as one crash-safe commit into the folder (`mplus_fast.atomic`): only the checkpoint's
+own files change, the user's other files stay, and a crash or a full disk leaves the previous
+checkpoint or the new one, never a mix.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import shutil
-import tempfile
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mplus_fast.atomic import commit_files, recover
 from mplus_fast.config import MPlusConfig
 from mplus_fast.weights import expected_weight_shapes
 
@@ -68,6 +68,7 @@ def load_checkpoint(path: str | Path) -> tuple[MPlusConfig, dict[str, torch.Tens
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (expected a Hugging Face style checkpoint folder)")
+    recover(path)  # an interrupted save: complete it (or discard what it staged) before reading
     config = MPlusConfig.from_file(path / "config.json")
     tensors = read_tensors(path)
     validate_tensors(config, tensors)
@@ -123,15 +124,42 @@ def validate_tensors(config: MPlusConfig, t: dict[str, torch.Tensor]) -> None:
 
 
 # ---------------------------------------------------------------------- writing
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+class NotACheckpointError(CheckpointError):
+    """A save would overwrite files that do not belong to an M+ / MemoryLLM checkpoint."""
+
+
+def weight_files(folder: Path) -> set[str]:
+    """The weight files of the checkpoint in `folder`: what a new save replaces or removes (the
+    single file, the index, the shards named by the index or by the Hugging Face shard pattern)."""
+    if not folder.is_dir():
+        return set()
+    names = {p.name for p in folder.iterdir() if p.is_file() and (p.name in (SINGLE, INDEX) or SHARD.fullmatch(p.name))}
+    if INDEX in names:
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            for shard in json.loads((folder / INDEX).read_text()).get("weight_map", {}).values():
+                if isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard \
+                        and (folder / shard).is_file():
+                    names.add(shard)
+    return names
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """Files a save would replace that are not an M+ / MemoryLLM checkpoint's own."""
+    foreign = []
+    cfg = folder / "config.json"
+    if cfg.is_file():
+        try:
+            arch = json.loads(cfg.read_text()).get("architectures")
+        except (OSError, ValueError, AttributeError):
+            arch = None
+        if not (isinstance(arch, list) and len(arch) == 1 and arch[0] in ("MPlus", "MemoryLLM")):
+            foreign.append("config.json")
+    if foreign or not cfg.is_file():
+        foreign += sorted(weight_files(folder))
+    return foreign
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -148,45 +176,40 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict
 
 
 def write_checkpoint(path: str | Path, config: MPlusConfig, tensors: dict[str, torch.Tensor],
-                     extra_files: dict[str, str] | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write atomically: build everything in a sibling temp dir, then swap it in."""
+                     extra_files: dict[str, str] | None = None, max_shard_bytes: int = 5 * 2**30,
+                     overwrite: bool = False) -> Path:
+    """Write the checkpoint files into the folder `path` as one crash-safe commit
+    (`mplus_fast.atomic.commit_files`): config.json, the weights (one file, or an index and its
+    shards) and `extra_files`; the previous checkpoint's weight files that are not rewritten are
+    removed; every other file in the folder (a tokenizer, a README, the user's own files) is left
+    alone. A folder whose config.json or weight files are not an M+ / MemoryLLM checkpoint's is
+    refused unless `overwrite=True`."""
     target = Path(path).resolve()
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"save target {target} exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        shards = _shards(contiguous, max_shard_bytes)
-        meta = {"format": "pt", "writer": "mplus_fast"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE), metadata=meta)
-        else:
-            weight_map = {}
-            for j, shard in enumerate(shards):
-                fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in contiguous.values())
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(tmp)
-        backup = None
-        if target.exists():
-            backup = target.parent / f".{target.name}.old-{os.getpid()}"
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(target, backup)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    if target.is_dir() and not overwrite:
+        recover(target)
+        foreign = _foreign_files(target)
+        if foreign:
+            raise NotACheckpointError(
+                f"{target} is not an M+ / MemoryLLM checkpoint folder: saving would replace {foreign}; "
+                "choose another folder, or pass overwrite=True (CLI: --overwrite) to replace them")
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    shards = _shards(contiguous, max_shard_bytes)
+    meta = {"format": "pt", "writer": "mplus_fast"}
+    files: dict = {}
+    if len(shards) == 1:
+        files[SINGLE] = lambda p, s=shards[0]: save_file(s, str(p), metadata=meta)
+    else:
+        weight_map = {}
+        for j, shard in enumerate(shards):
+            fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+            files[fname] = lambda p, s=shard: save_file(s, str(p), metadata=meta)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in contiguous.values())
+        index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        files[INDEX] = lambda p: p.write_text(index)
+    texts = {"config.json": json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", **(extra_files or {})}
+    for name, text in texts.items():
+        files[name] = lambda p, t=text: p.write_text(t)
+    return commit_files(target, files, stale=weight_files)

@@ -158,8 +158,9 @@ def inject(
     file: Optional[Path] = typer.Option(None, help="Text file to inject (needs --tokenizer)."),
     ids: Optional[str] = IDS, tokenizer: Optional[str] = TOKENIZER,
     chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T = num_tokens)."),
-    out: Optional[Path] = typer.Option(None, help="Where to save the updated checkpoint."),
-    in_place: bool = typer.Option(False, "--in-place", help="Overwrite CKPT itself (atomic replace)."),
+    out: Optional[Path] = typer.Option(None, help="Folder to save the updated checkpoint into (its other files are kept)."),
+    in_place: bool = typer.Option(False, "--in-place", help="Save into CKPT itself (crash-safe; tokenizer and other files kept)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow --out to replace a config.json / weights that are not an M+ checkpoint's."),
     seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
     threads: int = _threads(0, "torch's choice"),
 ):
@@ -183,7 +184,7 @@ def inject(
     for chunk in chunks:
         model.inject_memory(chunk.to(model.device), update_memory=True)
         merges += bool(getattr(model.last_update, "merged", False))
-    target = model.save_pretrained(ckpt if in_place else out)
+    target = model.save_pretrained(ckpt if in_place else out, overwrite=overwrite)
     s = model.memory_stats()
     ltm = s["ltm_tokens_per_layer"]
     console.print(f"injected {x.shape[0]} tokens in {len(chunks)} chunk(s); merges: {merges}; "

@@ -246,10 +246,15 @@ class MPlus:
             out[f"{OURS}ltm_provenance.{i}"], out[f"{OURS}pending_provenance.{i}"] = st.ltm_prov[i], st.pend_prov[i]
         return out
 
-    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30) -> Path:
+    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30, overwrite: bool = False) -> Path:
+        """Write the checkpoint (weights and memory, upstream layout) into the folder `path`, as one
+        crash-safe commit: config.json, generation_config.json (when the model has one) and the
+        weight files are replaced, the previous checkpoint's stale shards removed, and every other
+        file in the folder (tokenizer, README, anything of the user's) left alone. A folder holding
+        another kind of config.json or weights is refused unless `overwrite=True`."""
         extra = {"generation_config.json": json.dumps(self.generation_config, indent=2) + "\n"} if self.generation_config else None
         cfg = MPlusConfig.from_dict({**self.config.to_dict(), "torch_dtype": str(self.dtype).replace("torch.", "")})
-        return write_checkpoint(path, cfg, self.state_tensors(), extra, max_shard_size)
+        return write_checkpoint(path, cfg, self.state_tensors(), extra, max_shard_size, overwrite=overwrite)
 
     # ------------------------------------------------------------------ introspection
     def memory_stats(self) -> dict:

@@ -83,6 +83,7 @@ def test_failed_save_keeps_previous_checkpoint(tiny_model, tmp_path, monkeypatch
         tiny_model.save_pretrained(target)
     assert (target / "model.safetensors").read_bytes() == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert not [p.name for p in target.iterdir() if p.name.startswith(".")], "temporary files left behind"
     mplus_fast.load(target)  # still a valid checkpoint
 
 
