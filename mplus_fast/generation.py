@@ -52,16 +52,19 @@ def check_options(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
 @torch.inference_mode()
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id=None, pad_token_id: int | None = None) -> torch.Tensor:
-    """Returns (B, n + generated) token ids: the prompt followed by the new tokens."""
+             eos_token_id=None, pad_token_id: int | None = None, retrieve: bool = True) -> torch.Tensor:
+    """Returns (B, n + generated) token ids: the prompt followed by the new tokens.
+    `retrieve=False`: the prompt reads the short-term memory only (see `MPlus.forward`)."""
     check_options(max_new_tokens, do_sample, temperature, top_k, top_p)
+    if not isinstance(retrieve, bool):
+        raise TypeError(f"retrieve={retrieve!r} must be True or False")
     ids = model._check_ids(input_ids, "input_ids")
     valid = model._check_mask(attention_mask, ids)
     eos = resolve_eos(model, eos_token_id)
     pad = resolve_pad(model, pad_token_id, eos)
     if max_new_tokens == 0:
         return ids
-    res = model.backend.read(ids, valid, cache_extra=max_new_tokens, last_only=True)
+    res = model.backend.read(ids, valid, cache_extra=max_new_tokens, last_only=True, retrieve=retrieve)
     if use_static_decoder(model, res.cache, max_new_tokens):
         inv_freq = model.rope.inv_freq_for(int(res.cache.next_pos.max()))
         decoder = StaticDecoder(model.backend, res.cache, inv_freq, max_new_tokens=max_new_tokens, do_sample=do_sample,

@@ -175,15 +175,19 @@ class MPlus:
 
     # ------------------------------------------------------------------ reading
     @torch.inference_mode()
-    def __call__(self, input_ids, attention_mask=None) -> MPlusOutput:
-        return self.forward(input_ids, attention_mask)
+    def __call__(self, input_ids, attention_mask=None, *, retrieve: bool = True) -> MPlusOutput:
+        return self.forward(input_ids, attention_mask, retrieve=retrieve)
 
     @torch.inference_mode()
-    def forward(self, input_ids, attention_mask=None) -> MPlusOutput:
-        """Plain forward over the memory (SPEC §3): float32 logits for every input position."""
+    def forward(self, input_ids, attention_mask=None, *, retrieve: bool = True) -> MPlusOutput:
+        """Plain forward over the memory (SPEC §3): float32 logits for every input position.
+        `retrieve=False` reads the short-term memory only (no LTM rows, the STM at its usual
+        positions R+1…R+N, as with an empty LTM): the STM-only baseline of M+."""
+        if not isinstance(retrieve, bool):
+            raise TypeError(f"retrieve={retrieve!r} must be True or False")
         ids = self._check_ids(input_ids, "input_ids")
         valid = self._check_mask(attention_mask, ids)
-        res = self.backend.read(ids, valid)
+        res = self.backend.read(ids, valid, retrieve=retrieve)
         return MPlusOutput(res.logits, tuple(res.ltm_indices), tuple(res.ltm_provenance))
 
     # ------------------------------------------------------------------ writing

@@ -2,6 +2,7 @@
 MemoryLLM's `initialized` flag, and bf16."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import mplus_fast
@@ -110,3 +111,20 @@ def test_training_age_mode_option(ckpt_factory):
     assert torch.equal(a.state.stm, b.state.stm)
     assert int(a.state.stm_ages.max()) < a.config.num_tokens
     assert int(b.state.stm_ages.max()) >= 2 * b.config.num_tokens
+
+
+def test_stm_only_read_equals_the_same_memory_without_its_ltm(ckpt_factory, backend):
+    """retrieve=False reads the STM at its usual positions and no LTM row: exactly the model whose
+    LTM is empty (same seed: same weights and STM, the LTM is drawn last)."""
+    with_ltm = mplus_fast.load(ckpt_factory(seed=5, ltm_size=10), backend=backend)
+    without = mplus_fast.load(ckpt_factory(seed=5, ltm_size=0), backend=backend)
+    q = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    full, stm_only, empty = with_ltm(q), with_ltm(q, retrieve=False), without(q)
+    assert all(i.shape == (1, 0) for i in stm_only.ltm_indices)
+    assert all(i.shape == (1, 4) for i in full.ltm_indices)
+    assert torch.allclose(stm_only.logits, empty.logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(stm_only.logits, full.logits, atol=1e-3)
+    g1 = with_ltm.generate(q, max_new_tokens=6, retrieve=False)
+    assert torch.equal(g1, without.generate(q, max_new_tokens=6))
+    with pytest.raises(TypeError, match="retrieve"):
+        with_ltm(q, retrieve="no")

@@ -441,7 +441,8 @@ class FastBackend:
         return gather_split(bank.prov.live, pend.prov.live, idx.to(bank.prov.device), len(bank)).cpu()
 
     # ------------------------------------------------------------------ reading
-    def read(self, ids, valid, *, cache_extra: int | None = None, last_only: bool = False) -> ReadResult:
+    def read(self, ids, valid, *, cache_extra: int | None = None, last_only: bool = False,
+             retrieve: bool = True) -> ReadResult:
         m, c = self.m, self.cfg
         B, n = ids.shape
         dev = ids.device
@@ -461,7 +462,7 @@ class FastBackend:
                 q, k_t, v_t = self._split_qkv(fused.qkv(h))
                 q, k_t = apply_rope(q, in_pos, inv_freq), apply_rope(k_t, in_pos, inv_freq)
                 if use_memory:
-                    idx = self._retrieve(l, h, valid)
+                    idx = self._retrieve(l, h, valid) if retrieve else torch.empty(B, 0, dtype=torch.int64, device=dev)
                     fetch = self._fetch_kv(l, idx) if idx.numel() else None           # started, not awaited
                     attn, rows = self._prefill_attention(l, q, k_t, v_t, valid, fetch, ltm_pos, inv_freq)
                     all_idx.append(idx.cpu())

@@ -74,11 +74,12 @@ class ReferenceBackend:
         layer = self.m.weights.layers[l]
         return F_.selector(layer.selectors["key_proj"], F_.rms_norm(rows, layer.input_norm, self.cfg.rms_norm_eps), self.cfg.hidden_act)
 
-    def _retrieve(self, l: int, x: torch.Tensor, valid: torch.Tensor, state: MemoryState):
-        """Per sequence: (B, R') indices in placement order and the rows themselves (B, R', d)."""
+    def _retrieve(self, l: int, x: torch.Tensor, valid: torch.Tensor, state: MemoryState, retrieve: bool = True):
+        """Per sequence: (B, R') indices in placement order and the rows themselves (B, R', d).
+        Nothing is retrieved with `retrieve=False` (STM-only reads) or an empty LTM."""
         c, layer = self.cfg, self.m.weights.layers[l]
         R = c.ltm_retrieved
-        if R == 0 or not state.ltm or state.ltm[l].shape[0] == 0:
+        if R == 0 or not retrieve or not state.ltm or state.ltm[l].shape[0] == 0:
             empty = torch.empty(x.shape[0], 0, dtype=torch.int64)
             return empty, empty.clone(), x.new_empty(x.shape[0], 0, x.shape[2])
         idx_all, prov_all, rows_all = [], [], []
@@ -96,7 +97,8 @@ class ReferenceBackend:
         return torch.stack(idx_all), torch.stack(prov_all), torch.stack(rows_all)
 
     # ------------------------------------------------------------------ reading (§3)
-    def read(self, ids: torch.Tensor, valid: torch.Tensor, *, cache_extra: int | None = None, last_only: bool = False) -> ReadResult:
+    def read(self, ids: torch.Tensor, valid: torch.Tensor, *, cache_extra: int | None = None, last_only: bool = False,
+             retrieve: bool = True) -> ReadResult:
         m, c, st = self.m, self.cfg, self.state
         B, n = ids.shape
         dev = ids.device
@@ -113,7 +115,7 @@ class ReferenceBackend:
         for l, layer in enumerate(m.weights.layers):
             with nvtx_range(f"reference.read.layer{l}"):
                 if use_memory:
-                    idx, prov, ltm_rows = self._retrieve(l, x, valid, st)
+                    idx, prov, ltm_rows = self._retrieve(l, x, valid, st, retrieve)
                     r_here = ltm_rows.shape[1]
                     prefix = torch.cat([m.weights.bos[l].expand(B, 1, -1), ltm_rows, st.stm[l].to(x.dtype).expand(B, -1, -1)], dim=1)
                     pre_pos = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, r_here + 1), torch.arange(R + 1, R + N + 1)]).to(dev)
