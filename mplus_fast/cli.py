@@ -16,6 +16,7 @@ from rich.table import Table
 
 import mplus_fast
 from mplus_fast.checkpoint import load_checkpoint
+from mplus_fast.chunking import chunk_ids
 from mplus_fast.cliutil import (CLIError, console, decode, encode, fmt_bytes, load_tokenizer, parse_dtype, parse_ids,
                                 set_threads, user_errors)
 
@@ -157,7 +158,7 @@ def inject(
     text: Optional[str] = typer.Option(None, help="Text to inject (needs --tokenizer)."),
     file: Optional[Path] = typer.Option(None, help="Text file to inject (needs --tokenizer)."),
     ids: Optional[str] = IDS, tokenizer: Optional[str] = TOKENIZER,
-    chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T = num_tokens)."),
+    chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T = num_tokens); a tail under 16 tokens joins the last chunk."),
     out: Optional[Path] = typer.Option(None, help="Folder to save the updated checkpoint into (its other files are kept)."),
     in_place: bool = typer.Option(False, "--in-place", help="Save into CKPT itself (crash-safe; tokenizer and other files kept)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow --out to replace a config.json / weights that are not an M+ checkpoint's."),
@@ -176,11 +177,10 @@ def inject(
         text = file.read_text()
     x, _ = _input_ids(text, ids, tokenizer, "--text/--file")
     model = _load(ckpt, device, dtype, seed, backend)
-    size = chunk_tokens or model.config.num_tokens
-    if size < 1:
-        raise CLIError(f"--chunk-tokens {chunk_tokens} must be positive")
+    if chunk_tokens < 0:
+        raise CLIError(f"--chunk-tokens {chunk_tokens} must be positive (or 0: the model's T)")
     merges = 0
-    chunks = list(torch.split(x, size))
+    chunks = chunk_ids(x, chunk_tokens or model.config.num_tokens)   # no tiny tail chunk
     for chunk in chunks:
         model.inject_memory(chunk.to(model.device), update_memory=True)
         merges += bool(getattr(model.last_update, "merged", False))
