@@ -40,7 +40,8 @@ class QARecord:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        out["answer"] = out.pop("answers") if len(self.answers) > 1 else self.answers[0]
+        answers = out.pop("answers")
+        out["answer"] = answers if len(answers) > 1 else answers[0]
         if not self.distractors:
             out.pop("distractors")
         return out
