@@ -44,6 +44,8 @@ class QARecord:
         out["answer"] = answers if len(answers) > 1 else answers[0]
         if not self.distractors:
             out.pop("distractors")
+        if not self.id:
+            out.pop("id")
         return out
 
 
