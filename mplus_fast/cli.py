@@ -17,8 +17,8 @@ from rich.table import Table
 import mplus_fast
 from mplus_fast.checkpoint import load_checkpoint
 from mplus_fast.chunking import chunk_ids
-from mplus_fast.cliutil import (CLIError, console, decode, encode, fmt_bytes, load_tokenizer, parse_dtype, parse_ids,
-                                set_threads, user_errors)
+from mplus_fast.cliutil import (CLIError, console, decode, encode, fmt_bytes, load_tokenizer, parse_device, parse_dtype,
+                                parse_ids, set_threads, user_errors)
 
 app = typer.Typer(help="mplus_fast: fast, faithful inference for M+ / MemoryLLM memory-augmented LLMs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -50,7 +50,7 @@ BACKEND = typer.Option("fast", help="Backend: fast (cached K/V memory) or refere
 
 
 def _load(ckpt: Path, device: str, dtype: Optional[str], seed: int, backend: str):
-    return mplus_fast.load(ckpt, device=device, dtype=parse_dtype(dtype), seed=seed, backend=backend)
+    return mplus_fast.load(ckpt, device=parse_device(device), dtype=parse_dtype(dtype), seed=seed, backend=backend)
 
 
 @app.command()
@@ -70,9 +70,10 @@ def demo(
     """Stream many chunks into the memory, watch STM/LTM grow and merge, then prompt and show recall, output, timings."""
     from mplus_fast.demo import run_demo
     set_threads(threads)
+    device, dt = str(parse_device(device)), parse_dtype(dtype)
     if ckpt is None and (tokenizer or doc or question):
         raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the default demo model is random)")
-    run_demo(str(ckpt) if ckpt else None, tokenizer, chunks, seed, device, parse_dtype(dtype),
+    run_demo(str(ckpt) if ckpt else None, tokenizer, chunks, seed, device, dt,
              str(doc) if doc else None, list(question or []), new_tokens, table_every, backend)
 
 
@@ -141,6 +142,7 @@ def generate(
 ):
     """Continue a prompt over the checkpoint's memory (the memory is read, not changed)."""
     set_threads(threads)
+    parse_device(device), parse_dtype(dtype)
     x, tok = _input_ids(prompt, ids, tokenizer, "--prompt")
     model = _load(ckpt, device, dtype, seed, backend)
     out = model.generate(x.to(model.device)[None], max_new_tokens=max_new_tokens, do_sample=sample,
@@ -167,6 +169,7 @@ def inject(
 ):
     """Write a context into the memory (update_memory=True, chunk by chunk) and save the checkpoint."""
     set_threads(threads)
+    parse_device(device), parse_dtype(dtype)
     if (out is None) == (not in_place):
         raise CLIError("give exactly one of --out DIR or --in-place")
     if text is not None and file is not None:
@@ -205,7 +208,8 @@ def bench(
     """Time inject, prefill and decode of one backend; optionally write a profiler trace."""
     from mplus_fast.quickbench import run_bench
     set_threads(threads)
-    run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, device, parse_dtype(dtype),
+    device, dt = str(parse_device(device)), parse_dtype(dtype)
+    run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, device, dt,
               str(profile) if profile else None, backend)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,26 +13,37 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from mplus_fast.inputs import DTYPE_NAMES, resolve_device
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CLIError(Exception):
     """A user error: printed as one red line, exit code 2, no traceback."""
 
 
+# What a user can cause: bad paths, ids, options, checkpoints and configs (CheckpointError and
+# ConfigError are ValueErrors whose messages name the culprit), a full disk or a read-only folder.
+USER_ERRORS = (CLIError, ValueError, TypeError, OSError)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+
+
 def user_errors(fn):
-    """Turn the errors a user can cause (bad paths, ids, configs) into one red line and exit 2."""
+    """Turn the errors a user can cause into one red `error:` line and exit 2; warnings (e.g. an
+    option that has no effect) become one yellow `warning:` line each."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            # CheckpointError and ConfigError are ValueErrors with messages that name the culprit.
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(2)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+                raise typer.Exit(2)
     return wrapper
 
 
@@ -48,11 +60,20 @@ def parse_ids(text: str) -> torch.Tensor:
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
+    """--dtype: float32, bfloat16 or float16 (None: the device's default)."""
     if name is None:
         return None
-    if name not in DTYPES:
-        raise CLIError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise CLIError(f"--dtype {name!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+def parse_device(name: str) -> torch.device:
+    """--device: cpu, cuda or cuda:N, checked against this machine before anything is loaded."""
+    try:
+        return resolve_device(name)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e).replace(f"device={name!r}", f"--device {name}", 1)) from None
 
 
 def load_tokenizer(path: str | Path):
@@ -66,7 +87,10 @@ def load_tokenizer(path: str | Path):
     f = p / "tokenizer.json" if p.is_dir() else p
     if not f.is_file():
         raise CLIError(f"tokenizer not found: {f} (give a tokenizer.json or a folder that holds one)")
-    return Tokenizer.from_file(str(f))
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        raise CLIError(f"--tokenizer {f}: not a valid tokenizer.json ({e})") from None
 
 
 def encode(tok, text: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ from rich.table import Table
 import mplus_fast
 from mplus_fast.cliutil import CLIError, Timer, console, decode, encode, fmt_bytes, load_tokenizer, peak_rss_bytes
 from mplus_fast.generation import resolve_eos
-from mplus_fast.testing import make_random_checkpoint
+from mplus_fast.testing import FIRST_PLAIN_ID, make_random_checkpoint
 
 # Small enough for ~25 ms per injection on one CPU core; every M+ mechanism still happens
 # (STM drops, pending buffer, a merge every 4 chunks, pruning after 3 merges, retrieval of R=32).
@@ -192,7 +192,7 @@ def run_demo(ckpt: str | None, tokenizer: str | None, chunks: int, seed: int, de
         prompts = [(q, encode(tok, q), None) for q in (questions or DEFAULT_QUESTIONS)]
     else:
         g = torch.Generator().manual_seed(seed)
-        text = torch.randint(0, c.vocab_size, (chunks * T,), generator=g)
+        text = torch.randint(FIRST_PLAIN_ID, c.vocab_size, (chunks * T,), generator=g)
         stream = Stream(list(torch.split(text, T)), model.state.next_injection_id)
     stream_chunks(model, stream, table_every or max(1, len(stream.chunks) // 10))
     if tok is None:

@@ -11,9 +11,13 @@ state, CUDA graph on a GPU) whenever the RoPE frequencies stay fixed over the st
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 
 from mplus_fast.decoding import StaticDecoder
+from mplus_fast.inputs import IgnoredOptionWarning, check_count, check_flag, check_token_id
 from mplus_fast.sampling import next_tokens
 
 
@@ -24,8 +28,7 @@ def resolve_eos(model, eos_token_id) -> list[int]:
         return []
     ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     for i in ids:
-        if not isinstance(i, int) or not 0 <= i < model.config.vocab_size:
-            raise ValueError(f"eos_token_id {i!r} is not a token id in [0, {model.config.vocab_size})")
+        check_token_id(i, "eos_token_id", model.config.vocab_size)
     return ids
 
 
@@ -34,19 +37,36 @@ def resolve_pad(model, pad_token_id, eos: list[int]) -> int:
         pad_token_id = model.generation_config.get("pad_token_id", model.config.pad_token_id)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
-    return int(pad_token_id)
+    return check_token_id(pad_token_id, "pad_token_id", model.config.vocab_size)
+
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": None}
 
 
 def check_options(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-    if do_sample:
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} must be > 0 when sampling")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k={top_k!r} must be a non-negative integer")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+    """Types always; ranges when sampling. Sampling options given without do_sample=True are
+    ignored with an IgnoredOptionWarning, as Hugging Face `generate` does (greedy decoding)."""
+    check_count(max_new_tokens, "max_new_tokens")
+    check_flag(do_sample, "do_sample")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature={temperature!r} must be a number")
+    if top_k is not None:
+        check_count(top_k, "top_k")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))):
+        raise TypeError(f"top_p={top_p!r} must be a number or None")
+    if not do_sample:
+        given = {k: v for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+                 if v != SAMPLING_DEFAULTS[k]}
+        if given:
+            one = len(given) == 1
+            warnings.warn(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} {'has' if one else 'have'} no effect "
+                          f"without do_sample=True (CLI: --sample): decoding is greedy; sample, or leave "
+                          f"{'it' if one else 'them'} out", IgnoredOptionWarning, stacklevel=5)
+        return
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature={temperature!r} must be a finite number > 0 when sampling")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
 
 
 @torch.inference_mode()
@@ -56,10 +76,8 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20,
     """Returns (B, n + generated) token ids: the prompt followed by the new tokens.
     `retrieve=False`: the prompt reads the short-term memory only (see `MPlus.forward`)."""
     check_options(max_new_tokens, do_sample, temperature, top_k, top_p)
-    if not isinstance(retrieve, bool):
-        raise TypeError(f"retrieve={retrieve!r} must be True or False")
-    ids = model._check_ids(input_ids, "input_ids")
-    valid = model._check_mask(attention_mask, ids)
+    check_flag(retrieve, "retrieve")
+    ids, valid = model._check_input(input_ids, attention_mask, "input_ids", new_tokens=max_new_tokens)
     eos = resolve_eos(model, eos_token_id)
     pad = resolve_pad(model, pad_token_id, eos)
     if max_new_tokens == 0:

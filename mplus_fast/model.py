@@ -16,6 +16,9 @@ import torch
 from mplus_fast.checkpoint import OURS, load_checkpoint, read_generation_config, write_checkpoint
 from mplus_fast.config import MPlusConfig
 from mplus_fast.backends import BACKENDS, make_backend
+from mplus_fast import inputs
+from mplus_fast.inputs import resolve_device, resolve_dtype
+
 LTM_PLACEMENTS = ("device", "host")
 from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord
 from mplus_fast.rope import RotaryEmbedding
@@ -38,19 +41,6 @@ class MPlusOutput:
         return counts
 
 
-def resolve_device(device) -> torch.device:
-    """`"cuda"` → `cuda:<current device>`: tensors on a GPU always report an index, and inputs are
-    checked against the model's device by equality (`cuda` != `cuda:0`)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class MPlus:
     """An M+ (or MemoryLLM) model with its memory. Create with `mplus_fast.load(path)`."""
 
@@ -67,10 +57,10 @@ class MPlus:
             raise ValueError(f"ltm_placement={ltm_placement!r} needs backend='fast' (the reference keeps its bank as loaded)")
         self.ltm_placement = ltm_placement
         self.config = config
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed={seed!r} must be an integer or None")
         self.device = resolve_device(device)
-        self.dtype = dtype or _default_dtype(self.device)
-        if not self.dtype.is_floating_point:
-            raise TypeError(f"dtype={self.dtype} is not a floating-point dtype")
+        self.dtype = resolve_dtype(dtype, self.device)
         self.age_mode = age_mode
         self.generation_config = dict(generation_config or {})
         cast = lambda t: t.to(device=self.device, dtype=self.dtype)
@@ -131,46 +121,25 @@ class MPlus:
             st.pend_prov.append(get(f"{OURS}pending_provenance.{i}", torch.full((c_len,), -1)).to(**i64))
         return st
 
-    # ------------------------------------------------------------------ input checks
+    # ------------------------------------------------------------------ input checks (mplus_fast.inputs)
     def _check_ids(self, ids, name: str) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.dim() != 2:
-            raise ValueError(f"{name} must be 1-D (n,) or 2-D (batch, n), got shape {tuple(ids.shape)}")
-        if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): at least one token is needed")
-        if ids.device != self.device:
-            raise ValueError(f"{name} is on {ids.device} but the model is on {self.device}; move it with .to({str(self.device)!r})")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
-        return ids.long()
+        return inputs.check_ids(ids, name, self.config.vocab_size, self.device)
 
     def _check_mask(self, mask, ids: torch.Tensor, name: str = "attention_mask") -> torch.Tensor:
-        if mask is None:
-            return torch.ones_like(ids, dtype=torch.bool)
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dim() == 1:
-            mask = mask[None]
-        if tuple(mask.shape) != tuple(ids.shape):
-            raise ValueError(f"{name} has shape {tuple(mask.shape)} but the ids have shape {tuple(ids.shape)}")
-        if mask.device != self.device:
-            raise ValueError(f"{name} is on {mask.device} but the model is on {self.device}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must hold only 0 and 1")
-        valid = mask.bool()
-        if not bool(valid.any(1).all()):
-            raise ValueError(f"{name}: row {int((~valid.any(1)).nonzero()[0])} has no real token")
-        # Left padding: once a row has a real token, every later token is real.
-        if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
-            raise ValueError(f"{name} must be left-padded (zeros only before the first real token)")
-        return valid
+        return inputs.check_mask(mask, ids, self.device, name)
+
+    def _check_input(self, ids, mask, name: str, new_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and mask of a read (forward, generate): also no leading BOS, positions in range."""
+        ids = self._check_ids(ids, name)
+        valid = self._check_mask(mask, ids)
+        inputs.check_no_leading_bos(ids, valid, self._bos_ids(), name)
+        prefix = self.config.read_prefix_len if self.backend.counts()["initialized"] else 0
+        inputs.check_positions(self.config.max_positions, prefix, int(valid.sum(1).max()), name, new_tokens)
+        return ids, valid
+
+    def _bos_ids(self) -> set[int]:
+        ids = {self.config.bos_token_id, self.generation_config.get("bos_token_id")}
+        return {i for i in ids if isinstance(i, int) and not isinstance(i, bool)}
 
     # ------------------------------------------------------------------ reading
     @torch.inference_mode()
@@ -182,10 +151,8 @@ class MPlus:
         """Plain forward over the memory (SPEC §3): float32 logits for every input position.
         `retrieve=False` reads the short-term memory only (no LTM rows, the STM at its usual
         positions R+1…R+N, as with an empty LTM): the STM-only baseline of M+."""
-        if not isinstance(retrieve, bool):
-            raise TypeError(f"retrieve={retrieve!r} must be True or False")
-        ids = self._check_ids(input_ids, "input_ids")
-        valid = self._check_mask(attention_mask, ids)
+        inputs.check_flag(retrieve, "retrieve")
+        ids, valid = self._check_input(input_ids, attention_mask, "input_ids")
         res = self.backend.read(ids, valid, retrieve=retrieve)
         return MPlusOutput(res.logits, tuple(res.ltm_indices), tuple(res.ltm_provenance))
 
@@ -195,8 +162,14 @@ class MPlus:
         """Encode a context into T new memory tokens per layer (B, L, T, d); with
         `update_memory=True` also write them into the memory (SPEC §5). A batch is injected one
         sequence after another, in order (padding stripped), exactly as separate calls would."""
+        inputs.check_flag(update_memory, "update_memory")
         ids = self._check_ids(context_ids, "context_ids")
         valid = self._check_mask(attention_mask, ids)
+        inputs.check_no_leading_bos(ids, valid, self._bos_ids(), "context_ids")
+        lengths = valid.sum(1).tolist()
+        T = self.config.num_tokens
+        inputs.check_positions(self.config.max_positions, 1 + T, max(lengths), "context_ids")
+        inputs.warn_short_injection(lengths, T)
         deltas = []
         for b in range(ids.shape[0]):
             delta = self.backend.inject(ids[b][valid[b]])

@@ -17,6 +17,7 @@ from rich.table import Table
 import mplus_fast
 from mplus_fast.cliutil import CLIError, Timer, console, fmt_bytes, peak_rss_bytes
 from mplus_fast.profiling import nvtx_range
+from mplus_fast.testing import FIRST_PLAIN_ID
 
 
 def _round(model, prompt: torch.Tensor, chunk: torch.Tensor, new_tokens: int) -> dict[str, float]:
@@ -48,8 +49,8 @@ def run_bench(ckpt: str | None, prompt_len: int, new_tokens: int, repeats: int, 
         model = mplus_fast.load(path, device=device, dtype=dtype, seed=seed, backend=backend)
     c = model.config
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, c.vocab_size, (1, prompt_len), generator=g).to(model.device)
-    chunk = torch.randint(0, c.vocab_size, (1, c.num_tokens), generator=g).to(model.device)
+    prompt = torch.randint(FIRST_PLAIN_ID, c.vocab_size, (1, prompt_len), generator=g).to(model.device)
+    chunk = torch.randint(FIRST_PLAIN_ID, c.vocab_size, (1, c.num_tokens), generator=g).to(model.device)
     _round(model, prompt, chunk, new_tokens)  # warm-up (allocations, caches)
     rounds = [_round(model, prompt, chunk, new_tokens) for _ in range(repeats)]
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}

@@ -19,6 +19,10 @@ from mplus_fast.config import MPlusConfig
 from mplus_fast.model import LTM_PLACEMENTS, MPlus, resolve_device
 from mplus_fast.weights import expected_weight_shapes
 
+# Random checkpoints use the Llama ids 0 (unk), 1 (bos) and 2 (eos); synthetic text starts after
+# them (an input that starts with the BOS id is refused: M+ has its own learned BOS).
+FIRST_PLAIN_ID = 3
+
 TINY_MPLUS = dict(
     architectures=["MPlus"], vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, head_dim=12, num_tokens=4, num_blocks=5, num_ltm_blocks=1,

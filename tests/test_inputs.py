@@ -70,6 +70,8 @@ def test_failure_inside_update_leaves_memory_unchanged(tiny_model, monkeypatch):
 def test_an_unindexed_cuda_device_is_resolved(monkeypatch):
     """device="cuda" must equal the device GPU tensors report (cuda:N), or every input is refused."""
     from mplus_fast.model import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
