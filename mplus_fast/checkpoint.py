@@ -14,7 +14,9 @@ checkpoint or the new one, never a mix.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import re
 from pathlib import Path, PurePosixPath
 
@@ -22,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mplus_fast.atomic import commit_files, recover
+from mplus_fast.atomic import JOURNAL, CommitError, commit_files, recover
 from mplus_fast.checkpoint_checks import (CRC_KEY, OURS, CheckpointError, check_layout, check_state, check_tensors,
                                           checksums, saved_checksums)
 from mplus_fast.config import TOKEN_ID_FIELDS, ConfigError, MPlusConfig, check_token_id_field
@@ -187,6 +189,41 @@ class NotACheckpointError(CheckpointError):
     """A save would overwrite files that do not belong to an M+ / MemoryLLM checkpoint."""
 
 
+class SaveError(OSError):
+    """A save that failed (full disk, read-only folder, I/O error); the message says what the
+    folder now holds. Keeps the errno of the failure."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with its I/O failures raised as the OSError they are (it reports a
+    full disk as a SafetensorError whose text holds the OS error number)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found.group(1)) if found else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def _commit(target: Path, files: dict, stale) -> Path:
+    """commit_files, with a failure told in terms of what the folder holds afterwards."""
+    try:
+        return commit_files(target, files, stale=stale)
+    except OSError as exc:
+        if isinstance(exc, (SaveError, CommitError)):   # CommitError: an earlier save's, already explained
+            raise
+        why = exc.strerror or str(exc)
+        if (target / JOURNAL).exists():   # past the commit point: the new checkpoint is decided
+            state = ("the new checkpoint is committed but not yet in place: the next load or save of the folder "
+                     "finishes it")
+        else:
+            state = "the checkpoint that was there is unchanged" if (target / "config.json").exists() else "nothing was saved"
+        raise SaveError(exc.errno, f"saving to {target} failed: {why}; {state}") from exc
+
+
 def weight_files(folder: Path) -> set[str]:
     """The weight files of the checkpoint in `folder`: what a new save replaces or removes (the
     single file, the index, the shards named by the index or by the Hugging Face shard pattern)."""
@@ -255,7 +292,7 @@ def write_checkpoint(path: str | Path, config: MPlusConfig, tensors: dict[str, t
     meta = {"format": "pt", "writer": "mplus_fast"}
 
     def writer(shard):  # each file carries the CRC-32 of its tensors, checked at every load
-        return lambda p: save_file(shard, str(p), metadata={**meta, CRC_KEY: checksums(shard)})
+        return lambda p: _save_safetensors(shard, p, {**meta, CRC_KEY: checksums(shard)})
 
     files: dict = {}
     if len(shards) == 1:
@@ -272,4 +309,4 @@ def write_checkpoint(path: str | Path, config: MPlusConfig, tensors: dict[str, t
     texts = {"config.json": json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", **(extra_files or {})}
     for name, text in texts.items():
         files[name] = lambda p, t=text: p.write_text(t)
-    return commit_files(target, files, stale=weight_files)
+    return _commit(target, files, stale=weight_files)
