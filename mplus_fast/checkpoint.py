@@ -25,9 +25,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mplus_fast.atomic import JOURNAL, CommitError, commit_files, recover
-from mplus_fast.checkpoint_checks import (CRC_KEY, OURS, CheckpointError, check_layout, check_state, check_tensors,
-                                          checksums, saved_checksums)
-from mplus_fast.config import TOKEN_ID_FIELDS, ConfigError, MPlusConfig, check_token_id_field
+from mplus_fast.checkpoint_checks import (OURS, CheckpointError, check_layout, check_state, check_tensors,
+                                          checksum_metadata, saved_checksums)
+from mplus_fast.config import TOKEN_ID_FIELDS, ConfigError, MPlusConfig, check_token_id_field, strict_json
 from mplus_fast.safetensors_header import Header, HeaderError, TensorInfo, read_header
 
 SINGLE = "model.safetensors"
@@ -49,7 +49,7 @@ def _index(path: Path) -> dict[str, str]:
     if size > MAX_INDEX_BYTES:
         raise CheckpointError(f"{index_file}: {size:,} bytes is not an index file (at most {MAX_INDEX_BYTES:,} are read)")
     try:
-        index = json.loads(index_file.read_bytes())
+        index = strict_json(index_file.read_bytes())
     except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{index_file}: not valid JSON ({exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -164,7 +164,7 @@ def read_generation_config(path: str | Path, config: MPlusConfig) -> dict | None
     if size > MAX_INDEX_BYTES:
         raise ConfigError(f"{f}: {size:,} bytes is not a generation config")
     try:
-        gen = json.loads(f.read_bytes())
+        gen = strict_json(f.read_bytes())
     except (ValueError, RecursionError) as exc:
         raise ConfigError(f"{f}: not valid JSON ({exc})") from None
     if not isinstance(gen, dict):
@@ -292,7 +292,7 @@ def write_checkpoint(path: str | Path, config: MPlusConfig, tensors: dict[str, t
     meta = {"format": "pt", "writer": "mplus_fast"}
 
     def writer(shard):  # each file carries the CRC-32 of its tensors, checked at every load
-        return lambda p: _save_safetensors(shard, p, {**meta, CRC_KEY: checksums(shard)})
+        return lambda p: _save_safetensors(shard, p, {**meta, **checksum_metadata(shard)})
 
     files: dict = {}
     if len(shards) == 1:

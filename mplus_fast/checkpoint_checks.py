@@ -28,6 +28,7 @@ from mplus_fast.weights import expected_weight_shapes
 
 OURS = "mplus_fast."
 CRC_KEY = "mplus_fast.crc32"     # safetensors metadata: JSON {tensor name: CRC-32 of its bytes}
+CHECKSUMS_KEY = "mplus_fast.checksums"
 
 # Kinds of tensor, by the dtypes they may be stored in.
 FLOAT, NUMBER, INDEX, FLAG, BYTES = "float", "number", "index", "flag", "bytes"
@@ -124,10 +125,23 @@ def check_layout(config: MPlusConfig, infos: dict[str, TensorInfo] | dict[str, t
         if info.dtype not in KIND_DTYPES[spec.kind]:
             raise CheckpointError(f"tensor {name!r} has dtype {str(info.dtype).replace('torch.', '')}, "
                                   f"expected {KIND_WORDS[spec.kind]}")
+    for group in together(config):
+        present = [n for n in group if n in shapes]
+        if present and len(present) < len(group):
+            absent = [n for n in group if n not in shapes]
+            raise CheckpointError(f"checkpoint has tensor {present[0]!r} but not {absent[0]!r}: they are saved together")
     if config.is_mplus:
         pend = {shapes.get(f"cached_dropped_memories.{i}", (0,))[0] for i in range(config.num_hidden_layers)}
         if len(pend) > 1:
             raise CheckpointError(f"cached_dropped_memories.* have different lengths across layers: {sorted(pend)}")
+
+
+def together(config: MPlusConfig) -> list[tuple[str, ...]]:
+    """Optional tensors that make sense only with each other (all present, or none)."""
+    groups = [(f"{OURS}rope_inv_freq", f"{OURS}rope_cached_len")]
+    if config.is_mplus:   # a pending row needs its retrieval key (the ages default to 0)
+        groups += [(f"cached_dropped_memories.{i}", f"cached_dropped_keys.{i}") for i in range(config.num_hidden_layers)]
+    return groups
 
 
 # ---------------------------------------------------------------------- values
@@ -137,17 +151,22 @@ def crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(flat.view(torch.uint8).numpy()) if flat.numel() else 0
 
 
-def checksums(tensors: dict[str, torch.Tensor]) -> str:
-    """The metadata value saved with a file of `tensors` (CRC_KEY)."""
+def checksum_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors metadata that carries the CRC-32 of each of `tensors`. The scheme is named
+    twice (a key of its own, and the checksums' key), so a flipped header byte cannot make a
+    checksummed file pass for one without checksums."""
     with ThreadPoolExecutor(max_workers=_workers()) as pool:   # zlib releases the GIL
         crcs = dict(zip(tensors, pool.map(crc32, tensors.values())))
-    return json.dumps(crcs, separators=(",", ":"), sort_keys=True)
+    return {CHECKSUMS_KEY: "crc32", CRC_KEY: json.dumps(crcs, separators=(",", ":"), sort_keys=True)}
 
 
 def saved_checksums(header: Header) -> dict[str, int]:
-    """The CRC-32s a file was saved with ({} for files not written by mplus_fast)."""
+    """The CRC-32s a file was saved with ({} for files written without them: by other tools, or
+    by mplus_fast before checksums)."""
     text = header.metadata.get(CRC_KEY)
     if text is None:
+        if any(k.startswith(OURS) or "crc32" in k or "crc32" in v for k, v in header.metadata.items()):
+            raise CheckpointError(f"{header.file}: the header names checksums but holds none: the file is corrupted")
         return {}
     try:
         crcs = json.loads(text)

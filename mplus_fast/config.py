@@ -48,6 +48,15 @@ SHAPE_FIELDS = ("num_key_value_heads", "head_dim", "tie_word_embeddings", "lora_
                 "add_encoder_retriever")
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def strict_json(data: bytes | str):
+    """json.loads without Python's extensions: NaN, Infinity and -Infinity are refused."""
+    return json.loads(data, parse_constant=_no_constant)
+
+
 class ConfigError(ValueError):
     """An unsupported or inconsistent value in config.json (the message names the field)."""
 
@@ -147,11 +156,17 @@ class MPlusConfig:
         known = {f.name for f in fields(cls)} - {"extra", "defaulted"}
         kwargs = {k: v for k, v in raw.items() if k in known}
         extra = {k: v for k, v in raw.items() if k not in known}
-        arch = kwargs.get("architectures")
-        mplus = not (isinstance(arch, list) and arch == ["MemoryLLM"])
-        for required in REQUIRED + (REQUIRED_MPLUS if mplus else ()):
+        for required in REQUIRED:
             if required not in kwargs:
                 raise ConfigError(f"config.json: required field {required!r} is missing")
+        arch = kwargs["architectures"]
+        if not isinstance(arch, list) or len(arch) != 1 or arch[0] not in ARCHITECTURES:
+            raise ConfigError(f"config.json: architectures={arch!r} is not supported "
+                              f"(expected one of {[[a] for a in ARCHITECTURES]})")
+        if arch == ["MPlus"]:
+            for required in REQUIRED_MPLUS:
+                if required not in kwargs:
+                    raise ConfigError(f"config.json: required field {required!r} is missing")
         cfg = cls(**kwargs, extra=extra, defaulted=frozenset(known - set(kwargs)))
         if cfg.architecture == "MemoryLLM":
             cfg.num_ltm_blocks = 0
@@ -168,7 +183,7 @@ class MPlusConfig:
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path}: {size:,} bytes is not a config.json (at most {MAX_CONFIG_BYTES:,} bytes are read)")
         try:
-            raw = json.loads(path.read_bytes())
+            raw = strict_json(path.read_bytes())
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and bad UTF-8 are ValueErrors
             raise ConfigError(f"{path}: not valid JSON ({exc})") from None
         try:
