@@ -17,6 +17,7 @@ See docs/serving.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -60,12 +61,16 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
     registry = MemoryRegistry(model, settings.data_dir, settings.max_memories)
     engine = Engine(model, registry, model.tokenizer)
     worker = ModelWorker(settings.max_queue, settings.queue_timeout_s)
-    app = FastAPI(title="mplus_fast", version=_version(), docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.shutdown()
+
+    app = FastAPI(title="mplus_fast", version=_version(), docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine, app.state.worker, app.state.settings = engine, worker, settings
     _install_errors(app)
     _install_limits(app, settings)
     _routes(app, engine, worker, registry, settings)
-    app.add_event_handler("shutdown", worker.shutdown)
     return app
 
 
