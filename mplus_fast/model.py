@@ -8,6 +8,7 @@ drops, sampling) is drawn, so a seeded run is reproducible and survives save →
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,17 +50,22 @@ def resolve_device(device) -> torch.device:
 
 def _folder_tokenizer(path, tokenizer):
     """`tokenizer="auto"`: the checkpoint folder's tokenizer when it has one and the `tokenizers`
-    package is installed; None: no tokenizer; anything else is used as given."""
-    if tokenizer != "auto":
-        return tokenizer
-    from mplus_fast.hf.tokenizer import TOKENIZER_FILE, load_tokenizer
-    if not (Path(path) / TOKENIZER_FILE).is_file():
-        return None
-    try:
-        import tokenizers  # noqa: F401
-    except ImportError:
-        return None
-    return load_tokenizer(path)
+    package is installed (one that cannot be read is reported as a warning: the weights and the
+    memory still load); None: no tokenizer; anything else is used as given."""
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        from mplus_fast.hf.tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
+        if not (Path(path) / TOKENIZER_FILE).is_file():
+            return None
+        try:
+            import tokenizers  # noqa: F401
+        except ImportError:
+            return None
+        try:
+            return load_tokenizer(path)
+        except TokenizerError as exc:
+            warnings.warn(f"the checkpoint's tokenizer was not loaded: {exc}", stacklevel=3)
+            return None
+    return tokenizer
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
