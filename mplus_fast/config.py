@@ -103,8 +103,10 @@ class MPlusConfig:
 
         if not isinstance(self.architectures, list) or len(self.architectures) != 1 or self.architectures[0] not in ARCHITECTURES:
             raise bad("architectures", f"is not supported (expected one of {list(ARCHITECTURES)})")
-        if self.extra.get("model_type", "llama") != "llama":
-            raise ConfigError(f"config.json: model_type={self.extra['model_type']!r} is not supported (expected 'llama')")
+        model_type = self.extra.get("model_type", "llama")
+        own_type = {"MPlus": "mplus", "MemoryLLM": "memoryllm"}[self.architecture]   # mplus_fast.hf.auto.mark_for_auto
+        if model_type not in ("llama", own_type):
+            raise ConfigError(f"config.json: model_type={model_type!r} is not supported (expected 'llama' or {own_type!r})")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_tokens", "num_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
