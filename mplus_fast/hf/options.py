@@ -2,9 +2,10 @@
 `GenerationConfig` (or a plain dict), then keyword arguments, each overriding the one before.
 
 - The model's defaults are its checkpoint's generation_config.json (`model.generation_config`).
-- A transformers `GenerationConfig` contributes only the values it changes from transformers'
-  own defaults (`to_diff_dict`), as Hugging Face's `use_model_defaults` does; a dict contributes
-  every key it has.
+- A transformers `GenerationConfig` brings transformers' defaults (e.g. top_k=50 when sampling),
+  then the model's defaults replace the values the config left at transformers' defaults, then
+  the values it changed win (Hugging Face's `use_model_defaults`); a dict contributes every key
+  it has.
 - Keyword arguments that are not None win.
 Supported: max_new_tokens (or max_length = prompt + new), do_sample, temperature, top_k, top_p,
 eos_token_id, pad_token_id, stop_strings. Settings that would change the result and that we do
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_MAX_NEW_TOKENS = 20   # Hugging Face's default max_length (20), counted as new tokens
+DEFAULT_MAX_NEW_TOKENS = 20
+# transformers' library defaults, under a GenerationConfig's unset (None) values.
+HF_LIBRARY_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}   # Hugging Face's default max_length (20), counted as new tokens
 
 SUPPORTED = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
              "pad_token_id", "stop_strings")
@@ -46,16 +49,17 @@ class GenOptions:
     stop_strings: list[str]
 
 
-def config_dict(generation_config) -> dict:
-    """The settings a user's generation config contributes (see the module doc)."""
+def config_dicts(generation_config) -> tuple[dict, dict]:
+    """(every setting, the settings changed from transformers' defaults) of a user's config."""
     if generation_config is None:
-        return {}
+        return {}, {}
     if isinstance(generation_config, dict):
-        return dict(generation_config)
+        return dict(generation_config), dict(generation_config)
     if hasattr(generation_config, "to_diff_dict"):
-        return dict(generation_config.to_diff_dict())
+        full = {**HF_LIBRARY_DEFAULTS, **{k: v for k, v in generation_config.to_dict().items() if v is not None}}
+        return full, {k: v for k, v in generation_config.to_diff_dict().items() if v is not None}
     if hasattr(generation_config, "to_dict"):
-        return dict(generation_config.to_dict())
+        return dict(generation_config.to_dict()), dict(generation_config.to_dict())
     raise TypeError(f"generation_config must be a transformers GenerationConfig or a dict, got "
                     f"{type(generation_config).__name__}")
 
@@ -71,12 +75,14 @@ def check_supported(settings: dict, where: str) -> None:
 
 
 def resolve(model_defaults: dict, generation_config, overrides: dict, prompt_len: int) -> GenOptions:
-    user = config_dict(generation_config)
-    check_supported(user, "generation_config")
+    full, changed = config_dicts(generation_config)
+    check_supported(changed, "generation_config")
     check_supported({k: v for k, v in overrides.items() if v is not None}, "generate")
-    merged = {k: v for k, v in model_defaults.items() if k in SUPPORTED}
-    merged.update({k: v for k, v in user.items() if k in SUPPORTED})
+    merged = {k: v for k, v in full.items() if k in SUPPORTED}
+    merged.update({k: v for k, v in model_defaults.items() if k in SUPPORTED})
+    merged.update({k: v for k, v in changed.items() if k in SUPPORTED})
     merged.update({k: v for k, v in overrides.items() if v is not None})
+    merged = {k: v for k, v in merged.items() if v is not None}
     new = merged.get("max_new_tokens")
     if new is None and merged.get("max_length") is not None:
         new = max(int(merged["max_length"]) - prompt_len, 0)
