@@ -115,20 +115,37 @@ def restore(model, memory: Memory) -> None:
     if not isinstance(memory, Memory):
         raise TypeError(f"restore: expected a mplus_fast.memories.Memory, got {type(memory).__name__}")
     check_compatible(model, memory)
-    from mplus_fast.checkpoint import memory_shapes, optional_shapes
     t = memory.tensors
-    if "memory" not in t:
-        raise CheckpointError("memory has no 'memory' tensor (the STM)")
-    shapes = {**memory_shapes(model.config, t), **optional_shapes(model.config, t)}
-    for name, want in shapes.items():
-        if name in t and tuple(t[name].shape) != tuple(want):
-            raise CheckpointError(f"memory tensor {name!r} has shape {tuple(t[name].shape)}, expected {tuple(want)}")
+    check_memory_tensors(model.config, t)
     state = model._state_from_tensors(t)
     gen = t.get(f"{OURS}generator_state")
     attach_state(model, state)
     if gen is not None:
         model.generator.set_state(gen.to(torch.uint8))
     model.last_update = None
+
+
+def check_memory_tensors(config, t: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's own checks (mplus_fast.checkpoint_checks), on the memory part only: names,
+    shapes and dtype kinds against the config, no NaN/Inf, a consistent state."""
+    from mplus_fast.checkpoint_checks import KIND_DTYPES, check_state, check_tensors, expected_layout
+    from mplus_fast.weights import expected_weight_shapes
+    weights = set(expected_weight_shapes(config))
+    layout = {k: v for k, v in expected_layout(config, {k: tuple(v.shape) for k, v in t.items()}).items()
+              if k not in weights and k not in MODEL_STATE}
+    missing = [k for k, spec in layout.items() if spec.required and k not in t]
+    if missing:
+        raise CheckpointError(f"memory is missing tensor(s) {missing[:5]}")
+    for name, tensor in t.items():
+        spec = layout.get(name)
+        if spec is None:
+            raise CheckpointError(f"memory has unexpected tensor {name!r} {tuple(tensor.shape)}")
+        if len(spec.shape) != tensor.dim() or any(w >= 0 and w != g for w, g in zip(spec.shape, tensor.shape)):
+            raise CheckpointError(f"memory tensor {name!r} has shape {tuple(tensor.shape)}, expected {spec.shape}")
+        if tensor.dtype not in KIND_DTYPES[spec.kind]:
+            raise CheckpointError(f"memory tensor {name!r} has dtype {tensor.dtype}")
+    check_tensors(t)
+    check_state(config, t)
 
 
 def attach_state(model, state) -> None:
@@ -154,7 +171,7 @@ def read_checkpoint_memory(model, folder: Path) -> Memory:
     from mplus_fast.checkpoint import _files
     weights = set(model.weights.to_tensors(model.config))
     tensors = {}
-    for f in _files(Path(folder)):
+    for f in _files(Path(folder))[0]:
         with safe_open(str(f), framework="pt") as h:
             for name in h.keys():
                 if name not in weights and name not in MODEL_STATE:
