@@ -69,7 +69,10 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def parse_device(name: str) -> torch.device:
-    """--device: cpu, cuda or cuda:N, checked against this machine before anything is loaded."""
+    """--device: auto (the GPU when one is present, where the model then defaults to bfloat16;
+    else the CPU), cpu, cuda or cuda:N, checked against this machine before anything is loaded."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return resolve_device(name)
     except (ValueError, TypeError) as e:

@@ -30,6 +30,7 @@ from mplus_fast import CheckpointError, ConfigError  # noqa: E402
 from mplus_fast.checkpoint import INDEX, load_checkpoint  # noqa: E402
 from mplus_fast.checkpoint_checks import expected_layout, together  # noqa: E402
 from mplus_fast.config import MPlusConfig  # noqa: E402
+from mplus_fast.hf.options import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
 from mplus_fast.testing import TINY_MPLUS, _config_dict, make_random_checkpoint  # noqa: E402
 
 FULL = os.environ.get("MPLUS_FAST_FUZZ") == "full"
@@ -349,7 +350,7 @@ def test_fuzz_generation_arguments(model, data):
     res = run_call(model, model.generate, x, **kwargs)
     if res:
         out, before = res
-        k = kwargs["max_new_tokens"]
+        k = kwargs["max_new_tokens"] if kwargs["max_new_tokens"] is not None else DEFAULT_MAX_NEW_TOKENS
         assert out.shape[0] == x.shape[0] and x.shape[1] <= out.shape[1] <= x.shape[1] + k
         assert int(out.min()) >= 0 and int(out.max()) < 96
         assert unchanged(model, before), "generate changed the memory"
