@@ -11,8 +11,12 @@ landed, from what the folder held before the next load repaired it: nothing of t
 all of it done), the staging folder only (before the commit point), or the commit journal (after
 it: the load completes the commit).
 
-    python bench/crash_trials.py                      # CI size: 200 trials on a ~3 MB checkpoint
+`--what memory` runs the same trials on memory saves (`save_memory`: the memory alone, one
+file beside the user's files) and checks `read_memory` gives A's or B's memory exactly.
+
+    python bench/crash_trials.py                      # CI size: 200 trials on a ~6 MB checkpoint
     python bench/crash_trials.py --trials 2000 --size full --json bench/results/crash-trials.json
+    python bench/crash_trials.py --what memory --trials 200
 
 Prints one JSON object (also written to --json): trials, outcomes (old / new), where the kills
 landed, and failures (must be 0). Exit code 1 when any trial fails.
@@ -36,6 +40,7 @@ import torch
 import mplus_fast
 from mplus_fast import atomic
 from mplus_fast.checkpoint import load_checkpoint
+from mplus_fast.memories import MEMORY_FILE, read_memory
 from mplus_fast.testing import FIRST_PLAIN_ID, make_random_checkpoint
 
 SIZES = {
@@ -87,36 +92,66 @@ def landed(folder: Path) -> str:
     return "outside the save (or a save completed)"
 
 
-def save_in_child(model, target: Path, shard_bytes: int | None) -> int:
+class Checkpoint:
+    """save_pretrained into the folder, one file or several shards; load_checkpoint back."""
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def tensors_of(self, model):
+        return model.state_tensors()
+
+    def save(self, model, shard_bytes: int | None):
+        model.save_pretrained(self.folder, **({"max_shard_size": shard_bytes} if shard_bytes else {}))
+
+    def load(self):
+        return load_checkpoint(self.folder)[1]
+
+
+class MemoryFile(Checkpoint):
+    """save_memory to memory.safetensors in the folder; read_memory back."""
+    def tensors_of(self, model):
+        return model.snapshot().tensors
+
+    def save(self, model, shard_bytes: int | None):
+        model.save_memory(self.folder / MEMORY_FILE)
+
+    def load(self):
+        return read_memory(self.folder / MEMORY_FILE).tensors
+
+
+def save_in_child(subject, model, shard_bytes: int | None) -> int:
     pid = os.fork()
     if pid == 0:   # the child: save, then leave at once (no atexit, no pytest teardown)
         code = 1
         try:
             torch.set_num_threads(1)
-            model.save_pretrained(target, **({"max_shard_size": shard_bytes} if shard_bytes else {}))
+            subject.save(model, shard_bytes)
             code = 0
         finally:
             os._exit(code)
     return pid
 
 
-def measure_save(model, target: Path, shard_bytes: int, repeats: int = 5) -> float:
+def measure_save(subject, model, shard_bytes: int, repeats: int = 5) -> float:
     times = []
     for i in range(repeats):
         t0 = time.perf_counter()
-        model.save_pretrained(target, **({"max_shard_size": shard_bytes} if i % 2 else {}))
+        subject.save(model, shard_bytes if i % 2 else None)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def run(trials: int, size: str, seed: int, work: Path) -> dict:
+def run(trials: int, size: str, seed: int, work: Path, what: str = "checkpoint") -> dict:
     rng = random.Random(seed)
     a, b = models(work, size)
-    ref = {"A": fingerprint(a.state_tensors()), "B": fingerprint(b.state_tensors())}
     target = work / "target"
     plant(target)
+    subject = (MemoryFile if what == "memory" else Checkpoint)(target)
+    if what == "memory":
+        a.save_pretrained(target)   # a checkpoint folder that also keeps a memory file
+    ref = {"A": fingerprint(subject.tensors_of(a)), "B": fingerprint(subject.tensors_of(b))}
     shard_bytes = max(1, sum(t.numel() * t.element_size() for t in ref["A"].values()) // 5)
-    save_s = measure_save(a, target, shard_bytes)
+    save_s = measure_save(subject, a, shard_bytes)
     holds = "A"
     outcomes = {"old": 0, "new": 0}
     where: dict[str, int] = {}
@@ -126,7 +161,7 @@ def run(trials: int, size: str, seed: int, work: Path) -> dict:
     for i in range(trials):
         new = "B" if holds == "A" else "A"
         delay = rng.uniform(0, 1.25 * save_s)
-        pid = save_in_child(b if new == "B" else a, target, shard_bytes if rng.random() < 0.5 else None)
+        pid = save_in_child(subject, b if new == "B" else a, shard_bytes if rng.random() < 0.5 else None)
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)   # no-op on a child that already finished
         _, status = os.waitpid(pid, 0)
@@ -134,7 +169,7 @@ def run(trials: int, size: str, seed: int, work: Path) -> dict:
         spot = landed(target)
         where[spot] = where.get(spot, 0) + 1
         try:
-            _, tensors = load_checkpoint(target)
+            tensors = subject.load()
         except Exception as exc:   # a trial that does not load is a failure, whatever the error
             failures.append(f"trial {i}: the folder does not load after a kill {delay * 1e3:.1f} ms in: {exc!r}")
             break
@@ -150,7 +185,7 @@ def run(trials: int, size: str, seed: int, work: Path) -> dict:
         outcomes["old" if got == holds else "new"] += 1
         holds = got
         done += 1
-    return {"trials": done, "size": size, "seed": seed, "checkpoint_bytes": sum(
+    return {"what": what, "trials": done, "size": size, "seed": seed, "saved_bytes": sum(
         t.numel() * t.element_size() for t in ref["A"].values()), "median_save_ms": round(save_s * 1e3, 1),
         "outcomes": outcomes, "kills_landed": where, "failures": failures, "seconds": round(time.perf_counter() - t_start, 1),
         "torch": torch.__version__, "python": sys.version.split()[0]}
@@ -160,6 +195,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=200)
     ap.add_argument("--size", choices=sorted(SIZES), default="ci")
+    ap.add_argument("--what", choices=["checkpoint", "memory"], default="checkpoint",
+                    help="save_pretrained (the checkpoint) or save_memory (the memory file alone)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoints (default: a temporary one)")
@@ -167,7 +204,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="mplus-crash-", dir=args.work))
     try:
-        result = run(args.trials, args.size, args.seed, work)
+        result = run(args.trials, args.size, args.seed, work, args.what)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(result, indent=2)

@@ -197,9 +197,11 @@ class SaveError(OSError):
         return self.strerror or super().__str__()
 
 
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, with its I/O failures raised as the OSError they are (it reports a
-    full disk as a SafetensorError whose text holds the OS error number)."""
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file with the CRC-32 of every tensor in the metadata (checked at every
+    load), and its I/O failures raised as the OSError they are (it reports a full disk as a
+    SafetensorError whose text holds the OS error number)."""
+    metadata = {**metadata, **checksum_metadata(tensors)}
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as exc:
@@ -208,8 +210,8 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         raise OSError(code, os.strerror(code), str(path)) from exc
 
 
-def _commit(target: Path, files: dict, stale) -> Path:
-    """commit_files, with a failure told in terms of what the folder holds afterwards."""
+def commit_or_explain(target: Path, files: dict, stale=(), what: str = "checkpoint") -> Path:
+    """commit_files, with a failure (a SaveError) told in terms of what the folder holds afterwards."""
     try:
         return commit_files(target, files, stale=stale)
     except OSError as exc:
@@ -220,7 +222,8 @@ def _commit(target: Path, files: dict, stale) -> Path:
             state = ("the new checkpoint is committed but not yet in place: the next load or save of the folder "
                      "finishes it")
         else:
-            state = "the checkpoint that was there is unchanged" if (target / "config.json").exists() else "nothing was saved"
+            kept = any((target / name).exists() for name in files)
+            state = f"the {what} that was there is unchanged" if kept else "nothing was saved"
         raise SaveError(exc.errno, f"saving to {target} failed: {why}; {state}") from exc
 
 
@@ -292,7 +295,7 @@ def write_checkpoint(path: str | Path, config: MPlusConfig, tensors: dict[str, t
     meta = {"format": "pt", "writer": "mplus_fast"}
 
     def writer(shard):  # each file carries the CRC-32 of its tensors, checked at every load
-        return lambda p: _save_safetensors(shard, p, {**meta, **checksum_metadata(shard)})
+        return lambda p: save_safetensors(shard, p, meta)
 
     files: dict = {}
     if len(shards) == 1:
@@ -309,4 +312,4 @@ def write_checkpoint(path: str | Path, config: MPlusConfig, tensors: dict[str, t
     texts = {"config.json": json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", **(extra_files or {})}
     for name, text in texts.items():
         files[name] = lambda p, t=text: p.write_text(t)
-    return _commit(target, files, stale=weight_files)
+    return commit_or_explain(target, files, stale=weight_files)

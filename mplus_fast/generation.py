@@ -12,13 +12,12 @@ state, CUDA graph on a GPU) whenever the RoPE frequencies stay fixed over the st
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from mplus_fast.decoding import StaticDecoder
 from mplus_fast.hf.options import resolve as resolve_options
-from mplus_fast.inputs import IgnoredOptionWarning, check_count, check_flag, check_token_id
+from mplus_fast.inputs import IgnoredOptionWarning, check_count, check_flag, check_token_id, warn_at_caller
 from mplus_fast.hf.stopping import StopStrings
 from mplus_fast.sampling import next_tokens
 
@@ -64,9 +63,9 @@ def check_options(max_new_tokens, do_sample, temperature, top_k, top_p, warn: bo
                  if v not in NEUTRAL_SAMPLING[k]}
         if given and warn:
             one = len(given) == 1
-            warnings.warn(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} {'has' if one else 'have'} no effect "
+            warn_at_caller(f"{', '.join(f'{k}={v!r}' for k, v in given.items())} {'has' if one else 'have'} no effect "
                           f"without do_sample=True (CLI: --sample): decoding is greedy; sample, or leave "
-                          f"{'it' if one else 'them'} out", IgnoredOptionWarning, stacklevel=5)
+                          f"{'it' if one else 'them'} out", IgnoredOptionWarning)
         return
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature={temperature!r} must be a finite number > 0 when sampling")

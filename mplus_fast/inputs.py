@@ -8,6 +8,8 @@ that are easy to make with M+ in particular get their own explanation: a leading
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import torch
@@ -24,6 +26,19 @@ class ShortInjectionWarning(UserWarning):
 
 class IgnoredOptionWarning(UserWarning):
     """An option that has no effect in this call (e.g. temperature without do_sample)."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """warnings.warn, attributed to the first frame outside mplus_fast and torch (the user's line,
+    whatever decorators and helpers lie between)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 # ---------------------------------------------------------------------- devices and dtypes
@@ -164,8 +179,8 @@ def check_positions(limit: int | None, prefix: int, n: int, name: str, new_token
 def warn_short_injection(lengths: list[int], num_tokens: int) -> None:
     short = [m for m in lengths if m < MIN_CONTEXT_TOKENS]
     if short:
-        warnings.warn(
+        warn_at_caller(
             f"context_ids: an injection of {min(short)} token(s), under the {MIN_CONTEXT_TOKENS} the authors ask for: "
             f"every injection writes T={num_tokens} memory tokens computed from the last T positions, so a short "
             "context is mostly old memory re-encoded. Join short pieces (mplus_fast.chunking.chunk_ids does).",
-            ShortInjectionWarning, stacklevel=4)
+            ShortInjectionWarning)

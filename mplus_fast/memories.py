@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-
-from mplus_fast.atomic import commit_files, recover
-from mplus_fast.checkpoint import OURS, CheckpointError
+from mplus_fast.atomic import recover
+from mplus_fast.checkpoint import OURS, CheckpointError, commit_or_explain, save_safetensors
+from mplus_fast.checkpoint_checks import check_tensors, saved_checksums
+from mplus_fast.safetensors_header import HeaderError, read_header
 
 MEMORY_FILE = "memory.safetensors"
 KIND = "mplus_fast.memory"
@@ -198,10 +198,10 @@ def write_memory(path: str | Path, memory: Memory, extra_files: dict[str, str] |
             "fingerprint": memory.fingerprint, "config": memory.summary,
             "meta": json.dumps(memory.meta, default=str)}
     tensors = {k: v.contiguous() for k, v in memory.tensors.items()}
-    files = {name: lambda p: save_file(tensors, str(p), metadata=meta)}
+    files = {name: lambda p: save_safetensors(tensors, p, meta)}   # with CRC-32s; a full disk is an OSError
     for fname, text in (extra_files or {}).items():
         files[fname] = lambda p, t=text: p.write_text(t)
-    commit_files(folder, files)
+    commit_or_explain(folder, files, what="memory file")
     return folder / name
 
 
@@ -214,12 +214,17 @@ def read_memory(path: str | Path) -> Memory:
     if not f.is_file():
         raise FileNotFoundError(f"memory file not found: {f}")
     try:
+        header = read_header(f)      # checked against the file before anything is read
+    except HeaderError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
         with safe_open(str(f), framework="pt") as h:
             meta = h.metadata() or {}
             if meta.get("kind") != KIND:
                 raise CheckpointError(f"{f} is not a mplus_fast memory file (no kind={KIND!r} in its metadata); "
                                       "a checkpoint is loaded with mplus_fast.load")
             tensors = {k: h.get_tensor(k) for k in h.keys()}
+        check_tensors(tensors, {k: f for k in tensors}, saved_checksums(header))   # CRC-32s, finite values
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files

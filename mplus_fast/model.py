@@ -18,6 +18,7 @@ from mplus_fast.checkpoint import OURS, load_checkpoint, read_generation_config,
 from mplus_fast.config import MPlusConfig
 from mplus_fast.backends import BACKENDS, make_backend
 from mplus_fast import inputs
+from mplus_fast.concurrency import ModelGate, serialised
 from mplus_fast.inputs import resolve_device, resolve_dtype
 
 LTM_PLACEMENTS = ("device", "host")
@@ -68,6 +69,7 @@ class MPlus:
     def __init__(self, config: MPlusConfig, tensors: dict[str, torch.Tensor], *, device="cpu", dtype=None,
                  backend: str = "fast", seed: int | None = None, age_mode: str = "inference",
                  generation_config: dict | None = None, ltm_placement: str = "device"):
+        self._gate = ModelGate()   # one call at a time (mplus_fast.concurrency)
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not available (choose from {list(BACKENDS)})")
         if age_mode not in AGE_MODES:
@@ -171,6 +173,7 @@ class MPlus:
         return self.forward(input_ids, attention_mask, retrieve=retrieve)
 
     @torch.inference_mode()
+    @serialised()
     def forward(self, input_ids, attention_mask=None, *, retrieve: bool = True) -> MPlusOutput:
         """Plain forward over the memory (SPEC §3): float32 logits for every input position.
         `retrieve=False` reads the short-term memory only (no LTM rows, the STM at its usual
@@ -184,6 +187,7 @@ class MPlus:
 
     # ------------------------------------------------------------------ writing
     @torch.inference_mode()
+    @serialised()
     def inject_memory(self, context_ids, update_memory: bool = False, attention_mask=None) -> torch.Tensor:
         """Encode a context into T new memory tokens per layer (B, L, T, d); with
         `update_memory=True` also write them into the memory (SPEC §5). A batch is injected one
@@ -208,12 +212,14 @@ class MPlus:
         return self.backend.update(delta)
 
     @property
+    @serialised(nestable=True)
     def state(self) -> MemoryState:
         """The memory in the reference layout (logical STM order, per-layer LTM and pending tensors).
         With the fast backend this is a materialised snapshot: read it, do not mutate it."""
         return self.backend.memory_state()
 
     # ------------------------------------------------------------------ generation
+    @serialised()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
         """Greedy or sampled continuation; returns prompt + new tokens (B, n + new). See
         `mplus_fast.generation.generate` for the options."""
@@ -239,32 +245,38 @@ class MPlus:
         return inject_text(self, text, chunk_tokens=chunk_tokens)
 
     # ------------------------------------------------------------------ memories (mplus_fast.memories)
+    @serialised(nestable=True)
     def snapshot(self):
         """A `Memory` copy of the current memory (CPU), to restore later or save."""
         from mplus_fast.memories import snapshot
         return snapshot(self)
 
+    @serialised()
     def restore(self, memory) -> None:
         """Make `memory` (from snapshot/load) the model's memory; the weights stay loaded."""
         from mplus_fast.memories import restore
         restore(self, memory)
 
+    @serialised()
     def reset(self) -> None:
         """Back to the memory of the checkpoint this model was loaded from."""
         from mplus_fast.memories import reset
         reset(self)
 
+    @serialised(nestable=True)
     def save_memory(self, path) -> Path:
         """Write only the memory (a .safetensors file, or memory.safetensors in a folder), atomically."""
         from mplus_fast.memories import write_memory
         return write_memory(path, self.snapshot())
 
+    @serialised()
     def load_memory(self, path) -> None:
         """Read a memory saved by `save_memory` and make it the model's (refused if it belongs to another model)."""
         from mplus_fast.memories import read_memory, restore
         restore(self, read_memory(path))
 
     # ------------------------------------------------------------------ persistence
+    @serialised(nestable=True)
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything `save_pretrained` writes: upstream names plus `mplus_fast.` extras."""
         c, st = self.config, self.state
@@ -292,6 +304,7 @@ class MPlus:
             out[f"{OURS}ltm_provenance.{i}"], out[f"{OURS}pending_provenance.{i}"] = st.ltm_prov[i], st.pend_prov[i]
         return out
 
+    @serialised(nestable=True)
     def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30, overwrite: bool = False) -> Path:
         """Write the checkpoint (weights and memory, upstream layout) into the folder `path`, as one
         crash-safe commit: config.json, generation_config.json (when the model has one) and the
@@ -303,6 +316,7 @@ class MPlus:
         return write_checkpoint(path, cfg, self.state_tensors(), extra, max_shard_size, overwrite=overwrite)
 
     # ------------------------------------------------------------------ introspection
+    @serialised(nestable=True)
     def memory_stats(self) -> dict:
         """Sizes and bytes of the memory (cheap: no snapshot of the state is made)."""
         c, st = self.config, self.backend.counts()

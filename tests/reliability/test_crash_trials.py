@@ -1,5 +1,6 @@
-"""Crash trials (issue 14 item 2): a save killed with SIGKILL at random points, a full disk and a
-read-only folder all leave the old checkpoint or the new one, loadable, and the user's files.
+"""Crash trials (issue 14 item 2): a save (checkpoint or memory file) killed with SIGKILL at random
+points, a full disk and a read-only folder all leave the old save or the new one, loadable, and
+the user's files.
 
 The full-disk and read-only cases use a real small tmpfs when this process may mount one (root
 with CAP_SYS_ADMIN, as on the development machine); elsewhere they fall back to a simulated
@@ -69,10 +70,11 @@ def small_disk(path: Path, size: int):
 
 # ---------------------------------------------------------------------- kill -9
 @pytest.mark.slow
-def test_kill_9_during_save_at_200_random_points(tmp_path):
+@pytest.mark.parametrize("what", ["checkpoint", "memory"])
+def test_kill_9_during_save_at_200_random_points(tmp_path, what):
     out = tmp_path / "trials.json"
     r = subprocess.run([sys.executable, str(REPO / "bench" / "crash_trials.py"), "--trials", "200", "--json", str(out),
-                        "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                        "--work", str(tmp_path), "--what", what], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(out.read_text())
     assert result["failures"] == [] and result["trials"] == 200
@@ -106,6 +108,28 @@ def test_a_full_disk_keeps_the_old_checkpoint_with_a_clear_error(tiny_model, tmp
         assert result.exit_code == 2 and "No space left on device" in result.output and "Traceback" not in result.output
         assert files_of(target) == before
     print("full disk:", "a real tmpfs" if real else "simulated (no mount here)")
+
+
+def test_a_full_disk_keeps_the_old_memory_file(tiny_model, tmp_path, monkeypatch):
+    disk = tmp_path / "mdisk"
+    probe = tiny_model.save_memory(tmp_path / "probe.safetensors")
+    with small_disk(disk, int(probe.stat().st_size * 1.4) + 8192) as real:
+        target = disk / "mine.safetensors"
+        tiny_model.save_memory(target)
+        plant(disk)
+        before = files_of(disk)
+        inject(tiny_model)
+        if not real:
+            def full(tensors, path, metadata=None):
+                Path(path).write_bytes(b"\0" * 1000)
+                raise checkpoint.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            monkeypatch.setattr(checkpoint, "save_file", full)
+        with pytest.raises(SaveError, match=r"No space left on device; the memory file that was there is unchanged"):
+            tiny_model.save_memory(target)
+        assert files_of(disk) == before
+        tiny_model.load_memory(target)
+        assert tiny_model.memory_stats()["injections"] == 0
+    print("full disk (memory file):", "a real tmpfs" if real else "simulated (no mount here)")
 
 
 # ---------------------------------------------------------------------- a read-only folder

@@ -218,10 +218,12 @@ def test_an_injection_of_16_tokens_does_not_warn(tiny_model):
         tiny_model.inject_memory(torch.arange(5, 21)[None], update_memory=True)
 
 
-def test_the_warning_points_at_the_callers_line(tiny_model):
+def test_the_warnings_point_at_the_callers_line(tiny_model):
     with pytest.warns(ShortInjectionWarning) as record:
         tiny_model.inject_memory(torch.arange(5, 9)[None])
-    assert record[0].filename == __file__
+    with pytest.warns(IgnoredOptionWarning) as record2:
+        tiny_model.generate(torch.arange(5, 9)[None], max_new_tokens=1, top_p=0.5)
+    assert record[0].filename == __file__ and record2[0].filename == __file__
 
 
 # ---------------------------------------------------------------------- the command line
