@@ -2,14 +2,15 @@
 
 Two models A and B (B = A plus a few injections) take turns saving into one folder that also
 holds the user's own files. Each trial forks a child that saves the other model into the folder,
-and kills it with SIGKILL after a random delay drawn uniformly over 0 … 1.25 × the measured save
-time (so some kills land before or after the save, most inside it). Then the folder must load,
+and kills it with SIGKILL after a random delay drawn uniformly over 0 … 1.25 × the median time a
+child takes from fork to the end of its save (so some kills land before or after the save, most
+inside it). Then the folder must load,
 and every tensor must equal A's or B's exactly (the old or the new complete checkpoint, never a
 mix), and the user's files must be untouched. Saves alternate between one file and several
 shards, so kills also land while stale shards are removed. Each trial records where the kill
-landed, from what the folder held before the next load repaired it: nothing of the save yet (or
-all of it done), the staging folder only (before the commit point), or the commit journal (after
-it: the load completes the commit).
+landed, from what the folder held before the next load repaired it: nothing of the save yet, the
+staging folder only (before the commit point), the commit journal (after it: the load completes
+the commit), or the save had already completed.
 
 `--what memory` runs the same trials on memory saves (`save_memory`: the memory alone, one
 file beside the user's files) and checks `read_memory` gives A's or B's memory exactly.
@@ -24,18 +25,16 @@ landed, and failures (must be 0). Exit code 1 when any trial fails.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from script_io import emit, in_scratch
 
 import mplus_fast
 from mplus_fast import atomic
@@ -89,7 +88,7 @@ def landed(folder: Path) -> str:
         return "after the commit point"
     if any(n.startswith(atomic.STAGING_PREFIX) or n.startswith(atomic.TMP_PREFIX) for n in names):
         return "before the commit point"
-    return "outside the save (or a save completed)"
+    return "before the save wrote anything"
 
 
 class Checkpoint:
@@ -132,11 +131,12 @@ def save_in_child(subject, model, shard_bytes: int | None) -> int:
     return pid
 
 
-def measure_save(subject, model, shard_bytes: int, repeats: int = 5) -> float:
+def measure_save(subject, model, shard_bytes: int, repeats: int = 6) -> float:
+    """Median time from fork to the end of a child's save: the span the kills are spread over."""
     times = []
     for i in range(repeats):
         t0 = time.perf_counter()
-        subject.save(model, shard_bytes if i % 2 else None)
+        os.waitpid(save_in_child(subject, model, shard_bytes if i % 2 else None), 0)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -166,7 +166,7 @@ def run(trials: int, size: str, seed: int, work: Path, what: str = "checkpoint")
         os.kill(pid, signal.SIGKILL)   # no-op on a child that already finished
         _, status = os.waitpid(pid, 0)
         finished = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        spot = landed(target)
+        spot = "after the save completed" if finished else landed(target)
         where[spot] = where.get(spot, 0) + 1
         try:
             tensors = subject.load()
@@ -186,7 +186,7 @@ def run(trials: int, size: str, seed: int, work: Path, what: str = "checkpoint")
         holds = got
         done += 1
     return {"what": what, "trials": done, "size": size, "seed": seed, "saved_bytes": sum(
-        t.numel() * t.element_size() for t in ref["A"].values()), "median_save_ms": round(save_s * 1e3, 1),
+        t.numel() * t.element_size() for t in ref["A"].values()), "median_save_in_child_ms": round(save_s * 1e3, 1),
         "outcomes": outcomes, "kills_landed": where, "failures": failures, "seconds": round(time.perf_counter() - t_start, 1),
         "torch": torch.__version__, "python": sys.version.split()[0]}
 
@@ -202,16 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the checkpoints (default: a temporary one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="mplus-crash-", dir=args.work))
-    try:
-        result = run(args.trials, args.size, args.seed, work, args.what)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    result = in_scratch("mplus-crash-", args.work, lambda work: run(args.trials, args.size, args.seed, work, args.what))
+    emit(result, args.json)
     return 1 if result["failures"] else 0
 
 

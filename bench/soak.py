@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
+from script_io import emit, in_scratch
 
 import mplus_fast
 from mplus_fast.demo import DEMO_CONFIG
@@ -148,20 +146,14 @@ def main(argv=None) -> int:
         ap.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
     torch.set_num_threads(args.threads)
     save_every = args.save_every or max(1, args.injections // 20)
-    work = Path(tempfile.mkdtemp(prefix="mplus-soak-", dir=args.work))
-    try:
+    def soak_all(work: Path) -> dict:
         ckpt = make_random_checkpoint(work / "source", seed=args.seed, **DEMO_CONFIG)
-        runs = [soak_one(n, ckpt, work, args.injections, save_every, args.seed) for n in names]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return {"runs": [soak_one(n, ckpt, work, args.injections, save_every, args.seed) for n in names]}
+    runs = in_scratch("mplus-soak-", args.work, soak_all)["runs"]
     result = {"injections_per_config": args.injections, "save_every": save_every, "threads": args.threads,
               "rss_growth_limit": RSS_GROWTH_LIMIT, "torch": torch.__version__, "python": sys.version.split()[0],
               "runs": runs, "failed": {r["config"]: r["failed_checks"] for r in runs if r["failed_checks"]}}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    emit(result, args.json)
     return 1 if result["failed"] else 0
 
 

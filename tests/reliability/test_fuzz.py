@@ -22,7 +22,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import mplus_fast  # noqa: E402
@@ -95,7 +95,9 @@ def test_fuzz_config_parsing(edit):
         cfg = MPlusConfig.from_dict(raw)
     except ConfigError as exc:
         assert names_a_field(str(exc), touched), f"{exc} (touched {touched})"
+        event("refused: ConfigError")
         return
+    event("accepted")
     # Accepted: the sizes it implies are sane and it survives a round trip.
     again = MPlusConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert json.dumps(again.to_dict(), sort_keys=True) == json.dumps(cfg.to_dict(), sort_keys=True)
@@ -130,10 +132,12 @@ def check_load(folder: Path, reference: dict[str, torch.Tensor]) -> str:
     except CLEAR as exc:
         msg = str(exc)
         assert any(s in msg for s in ("config.json", ".safetensors", INDEX, "tensor", "generation_config")), msg
+        event(f"refused: {type(exc).__name__}")
         return type(exc).__name__
     assert tensors.keys() == reference.keys(), "a corrupted checkpoint loaded with other tensors"
     for k, v in reference.items():
         assert tensors[k].dtype == v.dtype and torch.equal(tensors[k], v), f"{k} changed but the checkpoint loaded"
+    event("loaded, tensors identical to those written")
     return "identical"
 
 
@@ -306,7 +310,9 @@ def run_call(m, call, *args, **kwargs):
     except (ValueError, TypeError) as exc:
         assert any(n in str(exc) for n in NAMES), f"the message names no argument: {exc}"
         assert unchanged(m, before), f"a rejected call changed the memory: {exc}"
+        event(f"refused: {type(exc).__name__}, memory unchanged")
         return None
+    event("accepted")
     return out, before
 
 
