@@ -1,4 +1,4 @@
-"""The `mplus-fast` command line: demo, inspect, generate, inject, bench.
+"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, eval.
 
 Commands stay thin: they parse options, call the public API (`mplus_fast.load`, `MPlus`), and
 print with rich. User errors (missing checkpoint, bad ids, bad options) print one red line and
@@ -207,6 +207,11 @@ def bench(
     set_threads(threads)
     run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, device, parse_dtype(dtype),
               str(profile) if profile else None, backend)
+
+
+from mplus_fast.eval.cli import eval_app  # noqa: E402  (the evaluation wing: `mplus-fast eval TASK CKPT`)
+
+app.add_typer(eval_app, name="eval")
 
 
 if __name__ == "__main__":  # python -m mplus_fast.cli
