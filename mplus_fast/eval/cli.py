@@ -146,3 +146,117 @@ def build_facts(
             r.distractors = texts
     path = write_jsonl(out, records)
     typer.echo(f"wrote {len(records)} planted facts to {path}")
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise CLIError(f"{what} {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+    if not values:
+        raise CLIError(f"{what} is empty")
+    return values
+
+
+@eval_app.command()
+@eval_errors
+def longbench(
+    ckpt: Path = CKPT,
+    data: Path = typer.Option(..., help="A LongBench <dataset>.jsonl file, or a folder of them (THUDM/LongBench's data files)."),
+    datasets: Optional[str] = typer.Option(None, help="Comma-separated datasets to run (default: every file in --data)."),
+    split: str = typer.Option("context", help="context: inject the prompt up to its {context}, read the rest; "
+                                              "tail: the authors' script (read the last --read-tokens, inject the rest)."),
+    postprocess: str = typer.Option("official", help="Scores shown first: official (LongBench: first line for trec, triviaqa, "
+                                                     "samsum, lsht), first-line, first-sentence, none. All four are in results.json."),
+    chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T; the authors use 512)."),
+    read_tokens: int = typer.Option(0, help="With --split tail: tokens read (0: 512 - the generation length)."),
+    max_length: int = typer.Option(0, help="Cut the context in the middle to fit this many prompt tokens (0: no cut)."),
+    max_new_tokens: int = typer.Option(0, help="Answer tokens (0: the dataset's official length)."),
+    modes: str = MODES, tokenizer: Optional[str] = TOKENIZER,
+    limit: Optional[int] = typer.Option(None, help="Only the first N examples of each dataset."), out: Optional[Path] = OUT,
+    restart: bool = RESTART, no_plots: bool = NO_PLOTS, quiet: bool = QUIET, device: str = DEVICE,
+    dtype: Optional[str] = DTYPE, backend: str = BACKEND, seed: int = SEED, threads: int = THREADS,
+):
+    """LongBench with the official prompts, lengths and metrics; the context in memory, the question read after."""
+    from mplus_fast.eval import longbench as task, plots, report
+    names = [d.strip() for d in datasets.split(",")] if datasets else None
+    unknown = [d for d in names or [] if d not in task.datasets()]
+    if unknown:
+        raise CLIError(f"unknown LongBench dataset(s) {unknown}: choose from {', '.join(sorted(task.datasets()))}")
+    settings = task.Settings(modes=_modes(modes), split=split, chunk_tokens=chunk_tokens, read_tokens=read_tokens,
+                             max_length=max_length, postprocess=postprocess, max_new_tokens=max_new_tokens)
+    examples = task.load_examples(data, names)
+    source, tok = _setup(ckpt, tokenizer, device, dtype, backend, seed, threads)
+    result = task.run(source, tok, examples, settings, data={"path": str(Path(data).resolve()), "datasets": names},
+                      out=out, limit=limit, restart=restart, progress=not quiet)
+    _finish(result, report.longbench_tables(result), plots.longbench_plots, out, no_plots)
+
+
+@eval_app.command()
+@eval_errors
+def niah(
+    ckpt: Path = CKPT,
+    lengths: str = typer.Option("256,1024,4096", help="Haystack lengths in tokens."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", help="Needle depths (0: start, 1: end)."),
+    samples: int = typer.Option(2, help="Haystacks per (length, depth) cell."),
+    chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T)."),
+    max_new_tokens: int = typer.Option(8, help="Answer tokens."),
+    no_location: bool = typer.Option(False, "--no-location", help="Skip locating the needle's rows (costly at the released size)."),
+    modes: str = MODES, tokenizer: Optional[str] = TOKENIZER,
+    limit: Optional[int] = typer.Option(None, help="Only the first N cells of the grid."), out: Optional[Path] = OUT,
+    restart: bool = RESTART, no_plots: bool = NO_PLOTS, quiet: bool = QUIET, device: str = DEVICE,
+    dtype: Optional[str] = DTYPE, backend: str = BACKEND, seed: int = SEED, threads: int = THREADS,
+):
+    """Needle in a haystack of book prose over a depth × length grid (heat map per mode)."""
+    from mplus_fast.eval import niah as task, plots, report
+    settings = task.Settings(lengths=tuple(_ints(lengths, "--lengths")), depths=tuple(_floats(depths, "--depths")),
+                             samples=samples, modes=_modes(modes), chunk_tokens=chunk_tokens,
+                             max_new_tokens=max_new_tokens, locate=not no_location)
+    source, tok = _setup(ckpt, tokenizer, device, dtype, backend, seed, threads)
+    result = task.run(source, tok, settings, seed=seed, out=out, limit=limit, restart=restart, progress=not quiet)
+    _finish(result, report.niah_tables(result), plots.niah_plots, out, no_plots)
+
+
+@eval_app.command()
+@eval_errors
+def events(
+    ckpt: Path = CKPT,
+    n: int = typer.Option(50, help="Questions."),
+    length: int = typer.Option(2048, help="Tokens of prose the event is planted in."),
+    chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T)."),
+    no_location: bool = typer.Option(False, "--no-location", help="Skip locating the event's rows."),
+    modes: str = MODES, tokenizer: Optional[str] = TOKENIZER,
+    limit: Optional[int] = typer.Option(None, help="Same as --n (smoke runs)."), out: Optional[Path] = OUT,
+    restart: bool = RESTART, no_plots: bool = NO_PLOTS, quiet: bool = QUIET, device: str = DEVICE,
+    dtype: Optional[str] = DTYPE, backend: str = BACKEND, seed: int = SEED, threads: int = THREADS,
+):
+    """Planted-event multiple choice over a long book passage (LongBook style), scored by option log-likelihood."""
+    from mplus_fast.eval import events as task, plots, report
+    settings = task.Settings(length=length, modes=_modes(modes), chunk_tokens=chunk_tokens, locate=not no_location)
+    source, tok = _setup(ckpt, tokenizer, device, dtype, backend, seed, threads)
+    result = task.run(source, tok, min(n, limit) if limit else n, settings, seed=seed, out=out, restart=restart,
+                      progress=not quiet)
+    _finish(result, report.events_tables(result), lambda r, o: plots.bars(r, o, "acc", "accuracy (%)"), out, no_plots)
+
+
+@eval_app.command()
+@eval_errors
+def perplexity(
+    ckpt: Path = CKPT,
+    n: int = typer.Option(20, help="Held-out passages."),
+    memory_tokens: int = typer.Option(1024, help="Tokens of the preceding text injected into the memory."),
+    eval_tokens: int = typer.Option(128, help="Held-out tokens read and scored."),
+    chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T)."),
+    modes: str = MODES, tokenizer: Optional[str] = TOKENIZER,
+    limit: Optional[int] = typer.Option(None, help="Same as --n (smoke runs)."), out: Optional[Path] = OUT,
+    restart: bool = RESTART, no_plots: bool = NO_PLOTS, quiet: bool = QUIET, device: str = DEVICE,
+    dtype: Optional[str] = DTYPE, backend: str = BACKEND, seed: int = SEED, threads: int = THREADS,
+):
+    """Perplexity of held-out prose with the memory of the text before it (M+, STM only) and without (borderline)."""
+    from mplus_fast.eval import perplexity as task, plots, report
+    settings = task.Settings(memory_tokens=memory_tokens, eval_tokens=eval_tokens, modes=_modes(modes),
+                             chunk_tokens=chunk_tokens)
+    source, tok = _setup(ckpt, tokenizer, device, dtype, backend, seed, threads)
+    result = task.run(source, tok, min(n, limit) if limit else n, settings, seed=seed, out=out, restart=restart,
+                      progress=not quiet)
+    _finish(result, report.perplexity_tables(result), lambda r, o: plots.bars(r, o, "ppl", "perplexity"), out, no_plots)

@@ -84,3 +84,52 @@ def heatmap(grid: list[list[float | None]], rows: list, cols: list, title: str, 
     out = _save(fig, Path(path))
     plt.close(fig)
     return out
+
+
+def longbench_plots(result: dict, folder: str | Path) -> list[Path]:
+    plt = _pyplot()
+    s = result["summary"]
+    names, how = list(s["by_dataset"]), s["postprocess"]
+    if not names:
+        return []
+    modes = [m for m in ("mplus", "stm", "borderline") if m in s["average"]]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4))
+    width = 0.8 / len(modes)
+    for k, m in enumerate(modes):
+        ax.bar([i + k * width for i in range(len(names))], [s["by_dataset"][n][m][how] or 0 for n in names], width,
+               color=COLORS[m], label=MODE_LABELS[m])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylabel(f"score (%), post-processing {how}")
+    ax.set_title("LongBench")
+    ax.legend()
+    path = _save(fig, Path(folder) / "longbench_scores.png")
+    plt.close(fig)
+    return [path]
+
+
+def niah_plots(result: dict, folder: str | Path) -> list[Path]:
+    out = []
+    for mode, g in result["summary"]["grid"].items():
+        depths = list(g)
+        lengths = sorted({n for r in g.values() for n in r}, key=int)
+        out.append(heatmap([[g[d][n] for n in lengths] for d in depths], depths, lengths,
+                           f"needle in a haystack: found (%), {MODE_LABELS[mode]}", "haystack length (tokens)",
+                           "needle depth", Path(folder) / f"niah_{mode}.png"))
+    return out
+
+
+def bars(result: dict, folder: str | Path, score: str, ylabel: str) -> list[Path]:
+    """One bar per mode (events accuracy, perplexity)."""
+    plt = _pyplot()
+    s = result["summary"]
+    modes = [m for m in ("mplus", "stm", "borderline") if m in s and s[m].get(score) is not None]
+    if not modes:
+        return []
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    scale = 100 if score.startswith("acc") else 1
+    ax.bar([MODE_LABELS[m] for m in modes], [scale * s[m][score] for m in modes], color=[COLORS[m] for m in modes])
+    ax.set_ylabel(ylabel)
+    ax.set_title(result["task"])
+    path = _save(fig, Path(folder) / f"{result['task']}_{score}.png")
+    plt.close(fig)
+    return [path]

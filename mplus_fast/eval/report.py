@@ -60,3 +60,83 @@ def retention_tables(result: dict, max_layers: int = 8) -> list[Table]:
 def print_tables(tables) -> None:
     for t in tables:
         console.print(t)
+
+
+def _modes_of(scores: dict) -> list[str]:
+    return [m for m in ("mplus", "stm", "borderline") if m in scores]
+
+
+def longbench_tables(result: dict) -> list[Table]:
+    s = result["summary"]
+    how = s["postprocess"]
+    t = Table(title=f"longbench: score (%) per dataset, answers post-processed: {how}", title_justify="left")
+    for col in ("dataset", "metric", "n"):
+        t.add_column(col, justify="left" if col != "n" else "right")
+    modes = _modes_of(s["average"])
+    for m in modes:
+        t.add_column(MODE_LABELS[m], justify="right")
+    fmt = lambda v: "–" if v is None else f"{v:.1f}"
+    for name, row in s["by_dataset"].items():
+        t.add_row(name, row["metric"], str(row["n"]), *[fmt(row[m][how]) for m in modes])
+    if s["by_dataset"]:
+        t.add_row("average", "", "", *[fmt(s["average"][m][how]) for m in modes], style="bold")
+    alt = Table(title="longbench: average (%) under each answer post-processing", title_justify="left")
+    alt.add_column("post-processing")
+    for m in modes:
+        alt.add_column(MODE_LABELS[m], justify="right")
+    for h in ("official", "first-line", "first-sentence", "none"):
+        if s["average"]:
+            alt.add_row(h, *[fmt(s["average"][m][h]) for m in modes])
+    return [t, alt]
+
+
+def grid_table(title: str, grid: dict, row_name: str, col_name: str) -> Table:
+    """A depth × length (or similar) grid of one mode's accuracy: grid[row][col] in [0, 1]."""
+    rows = list(grid)
+    cols = sorted({c for r in grid.values() for c in r}, key=float)
+    t = Table(title=title, title_justify="left")
+    t.add_column(f"{row_name} \\ {col_name}", justify="right")
+    for c in cols:
+        t.add_column(str(c), justify="right")
+    for r in rows:
+        t.add_row(str(r), *[_pct(grid[r].get(c)) for c in cols])
+    return t
+
+
+def niah_tables(result: dict) -> list[Table]:
+    s = result["summary"]
+    tables = [grid_table(f"niah: needle found (%), {MODE_LABELS[m]}", s["grid"][m], "depth", "length")
+              for m in s["grid"]]
+    if s.get("recall_any_layer_by_length"):
+        t = Table(title="niah: recall@R of the needle's injection, any layer (%)", title_justify="left")
+        for n in s["recall_any_layer_by_length"]:
+            t.add_column(f"L={n}", justify="right")
+        t.add_row(*[_pct(v) for v in s["recall_any_layer_by_length"].values()])
+        tables.append(t)
+    return tables
+
+
+def scores_table(title: str, summary: dict, columns: list[str], fmt=_pct) -> Table:
+    """One row per mode, one column per named score (events: acc, acc_norm; perplexity: ppl)."""
+    t = Table(title=title, title_justify="left")
+    t.add_column("mode")
+    for c in columns:
+        t.add_column(c, justify="right")
+    for m in ("mplus", "stm", "borderline"):
+        if m in summary:
+            t.add_row(MODE_LABELS[m], *[fmt(summary[m][c]) for c in columns])
+    return t
+
+
+def events_tables(result: dict) -> list[Table]:
+    s = result["summary"]
+    t = scores_table(f"events: planted-event multiple choice (%), {s['examples']} questions, chance 25", s, ["acc", "acc_norm"])
+    if s.get("recall_any_layer") is not None:
+        t.caption = f"recall@R of the event's injection (any layer): {_pct(s['recall_any_layer'])} %"
+    return [t]
+
+
+def perplexity_tables(result: dict) -> list[Table]:
+    s = result["summary"]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"
+    return [scores_table(f"perplexity of held-out prose ({s['scored_tokens']} tokens)", s, ["ppl"], fmt)]

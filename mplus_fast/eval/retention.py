@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, Protocol, Sequence
 
 from mplus_fast.eval import metrics
-from mplus_fast.eval.progress import Scoreboard, console, progress_bar
 from mplus_fast.eval.results import RunStore, environment
+from mplus_fast.eval.runner import failed_keys, finish, mean, run_examples
 from mplus_fast.eval.session import (MODE_LABELS, ModelSource, ask, available_modes, check_modes, inject_chunk,
                                      inject_text, locate, split_ids)
 from mplus_fast.qa import QARecord
@@ -167,46 +167,25 @@ def run(source: ModelSource, tokenizer, records: Sequence[QARecord], settings: S
     distractors = distractors or OwnThenOthers(records)
     run_settings = {**s.to_json(), "distractors": distractors.name, "data": data or {"records": len(records)}}
     store = RunStore(out, TASK, run_settings, environment(source), restart=restart)
-    todo = list(enumerate(records))[:limit] if limit is not None else list(enumerate(records))
-    board, t0, failures = Scoreboard(), time.perf_counter(), 0
-    last = str(s.distances[-1])
-    with progress_bar(f"retention (D={s.distances[-1]})", len(todo), progress) as step:
-        for index, record in todo:
-            key = f"{index}:{record.id}"
-            if not store.has(key):
-                store.add(_guarded(run_example, key, index, source, tokenizer, index, record, distractors, s, modes))
-            rec = store.done[key]
-            failures += "error" in rec
-            for mode in modes:
-                entry = rec.get("borderline") if mode == "borderline" else rec.get("by_distance", {}).get(last, {}).get(mode)
-                if entry:
-                    board.add(MODE_LABELS[mode], entry["f1"])
-            step(f"F1@D={last}: {board.text()}" + (f" · failed {failures}" if failures else ""))
-    examples = [store.done[f"{i}:{r.id}"] for i, r in todo]
-    result = {"task": TASK, "settings": run_settings, **store.env, "summary": summarize(examples, s, modes),
-              "timings": {"seconds": round(time.perf_counter() - t0, 3), "examples": len(todo)}}
-    store.write_results(result)
-    result["examples"] = examples
-    return result
+    todo = [(i, f"{i}:{r.id}", (source, tokenizer, i, r, distractors, s, modes)) for i, r in enumerate(records)][:limit]
+    last, started = str(s.distances[-1]), time.perf_counter()
 
+    def running(rec: dict) -> dict[str, float]:
+        """F1 at the largest distance (the borderline has no distance)."""
+        out = {}
+        for mode in modes:
+            entry = rec.get("borderline") if mode == "borderline" else rec.get("by_distance", {}).get(last, {}).get(mode)
+            if entry:
+                out[f"{MODE_LABELS[mode]} F1"] = entry["f1"]
+        return out
 
-def _guarded(fn, key: str, index: int, *args) -> dict:
-    """Run one example; a failure is reported and recorded (not fatal, not retried on resume)."""
-    try:
-        return fn(*args)
-    except Exception as exc:   # noqa: BLE001 - any failure of one example must not end the run
-        console.print(f"[yellow]example {index} failed and is skipped:[/] {type(exc).__name__}: {exc}")
-        return {"key": key, "index": index, "error": f"{type(exc).__name__}: {exc}"}
+    examples = run_examples(todo, run_example, store, f"retention, D up to {last}", running, progress)
+    return finish(store, summarize(examples, s, modes), examples, started)
 
 
 # ---------------------------------------------------------------------- summary
-def _mean(xs) -> float | None:
-    xs = list(xs)
-    return round(sum(xs) / len(xs), 4) if xs else None
-
-
 def _scores(entries: list[dict]) -> dict:
-    return {"n": len(entries), **{k: _mean(e[k] for e in entries) for k in ("em", "f1", "hit")}}
+    return {"n": len(entries), **{k: mean(e[k] for e in entries) for k in ("em", "f1", "hit")}}
 
 
 def recall_summary(entries: list[dict]) -> dict:
@@ -221,17 +200,17 @@ def recall_summary(entries: list[dict]) -> dict:
     for l in range(layers):
         pool = [e for e in with_recall if not located or sum(e["location"][l][1:]) > 0]
         retrievable.append(len(pool))
-        by_layer.append(_mean(float(e["mplus"]["recall"][l]) for e in pool))
+        by_layer.append(mean(float(e["mplus"]["recall"][l]) for e in pool))
     any_pool = [e for e in with_recall if not located or any(sum(loc[1:]) > 0 for loc in e["location"])]
     out = {"by_layer": by_layer, "questions_retrievable_by_layer": retrievable,
-           "any_layer": _mean(float(any(e["mplus"]["recall"])) for e in any_pool),
-           "mean_share": _mean(sum(e["mplus"]["share"]) / layers for e in with_recall),
+           "any_layer": mean(float(any(e["mplus"]["recall"])) for e in any_pool),
+           "mean_share": mean(sum(e["mplus"]["share"]) / layers for e in with_recall),
            "conditional_on_location": located}
     if located:
         n = len(with_recall)
-        out["fact_rows_mean"] = {k: _mean(sum(loc[i] for loc in e["location"]) / layers for e in with_recall)
+        out["fact_rows_mean"] = {k: mean(sum(loc[i] for loc in e["location"]) / layers for e in with_recall)
                                  for i, k in enumerate(("stm", "pending", "ltm"))}
-        out["forgotten"] = _mean(float(all(sum(loc) == 0 for loc in e["location"])) for e in with_recall) if n else None
+        out["forgotten"] = mean(float(all(sum(loc) == 0 for loc in e["location"])) for e in with_recall) if n else None
     return out
 
 
@@ -240,13 +219,13 @@ def summarize(examples: list[dict], s: Settings, modes: tuple[str, ...]) -> dict
     rows = []
     for d in s.distances:
         entries = [e["by_distance"][str(d)] for e in ok if str(d) in e.get("by_distance", {})]
-        row = {"distance": d, "n": len(entries), "tokens_mean": _mean(e["tokens"] for e in entries)}
+        row = {"distance": d, "n": len(entries), "tokens_mean": mean(e["tokens"] for e in entries)}
         for mode in modes:
             if mode != "borderline":
                 row[mode] = _scores([e[mode] for e in entries])
         row["recall"] = recall_summary(entries)
         rows.append(row)
-    out = {"examples": len(ok), "failed": [e["key"] for e in examples if "error" in e], "by_distance": rows}
+    out = {"examples": len(ok), "failed": failed_keys(examples), "by_distance": rows}
     if "borderline" in modes:
         out["borderline"] = _scores([e["borderline"] for e in ok])
     short = [e["key"] for e in ok if "ran_out_of_distractors_at" in e]

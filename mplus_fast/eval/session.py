@@ -179,3 +179,22 @@ def locate(model: MPlus, targets: list[int]) -> list[list[int]] | None:
     count = lambda t: int(torch.isin(t.cpu(), want).sum())
     return [[count(st.stm_prov[l]), count(st.pend_prov[l]), count(st.ltm_prov[l])]
             for l in range(model.config.num_hidden_layers)]
+
+
+def token_logprobs(model: MPlus, context_ids, continuation_ids, *, retrieve: bool = True) -> tuple[list[float], bool, object]:
+    """Log-probabilities of `continuation_ids` after `context_ids` in one read over the memory
+    (the retrieval's queries are all the tokens read), whether each was the greedy choice, and
+    the read's provenance. With no context the first continuation token has no prediction and
+    is left out (as a rolling log-likelihood does)."""
+    ctx, cont = list(context_ids), list(continuation_ids)
+    if not cont:
+        raise ValueError("the continuation is empty")
+    ids = torch.tensor(ctx + cont, dtype=torch.long, device=model.device)[None]
+    out = model(ids, retrieve=retrieve)
+    logp = torch.log_softmax(out.logits[0].double(), dim=-1)        # (n, V)
+    first = max(len(ctx), 1)
+    targets = ids[0, first:]
+    rows = logp[first - 1: ids.shape[1] - 1]
+    picked = rows.gather(1, targets[:, None])[:, 0]
+    greedy = bool((rows.argmax(-1) == targets).all())
+    return picked.tolist(), greedy, out.ltm_provenance
