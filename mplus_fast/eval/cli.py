@@ -260,3 +260,15 @@ def perplexity(
     result = task.run(source, tok, min(n, limit) if limit else n, settings, seed=seed, out=out, restart=restart,
                       progress=not quiet)
     _finish(result, report.perplexity_tables(result), lambda r, o: plots.bars(r, o, "ppl", "perplexity"), out, no_plots)
+
+
+@eval_app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@eval_errors
+def harness(ctx: typer.Context):
+    """lm-evaluation-harness with the model `mplus_fast` registered: every argument goes to lm_eval, e.g.
+    --model mplus_fast --model_args pretrained=CKPT,inject_document=true --tasks TASK."""
+    try:
+        from mplus_fast.eval.harness import main
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    main(list(ctx.args))
