@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator, Sequence
 
+from mplus_fast.eval.metrics import NOT_AFTER_TITLE
 from mplus_fast.qa import QARecord
 
 FIRST_NAMES = ("Ambrose", "Beatrix", "Cornelius", "Dorothea", "Evander", "Felicity", "Gideon", "Honoria", "Isidore",
@@ -55,7 +56,7 @@ FACT_KINDS = (
 SLOT_VALUES = {"place": PLACES, "number": tuple(str(n) for n in range(12, 99)), "pet": PET_NAMES, "town": TOWNS}
 
 # A sentence ends at . ! ? before a capital or a quote, but not after Mr. Mrs. Dr. St.
-_SENTENCE = re.compile(r"(?<=[.!?])(?<!\bMr\.)(?<!\bMrs\.)(?<!\bDr\.)(?<!\bSt\.)\s+(?=[A-Z\"'“‘])")
+_SENTENCE = re.compile(r"(?<=[.!?])" + NOT_AFTER_TITLE + r"\s+(?=[A-Z\"'“‘])")
 
 
 def draw_fact(rng: random.Random) -> tuple[FactKind, dict]:

@@ -183,7 +183,9 @@ def first_line(text: str) -> str:
     return text.lstrip("\n").split("\n")[0]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s")
+# Not a sentence end: the full stop of a title before a name (one home for the rule: books.py too).
+NOT_AFTER_TITLE = r"(?<!\bMr\.)(?<!\bMrs\.)(?<!\bMs\.)(?<!\bDr\.)(?<!\bSt\.)"
+_SENTENCE_END = re.compile(r"(?<=[.!?。！？])" + NOT_AFTER_TITLE + r"\s")
 
 
 def first_sentence(text: str) -> str:

@@ -71,3 +71,36 @@ def test_facts_are_written_in_the_qa_format(tmp_path):
     assert r.exit_code == 0, r.output
     recs = list(read_jsonl(tmp_path / "f.jsonl"))
     assert len(recs) == 3 and all(r.distractors and sum(len(d.split()) for d in r.distractors) >= 300 for r in recs)
+
+
+def test_longbench_end_to_end(prose_ckpt, tmp_path):
+    rec = {"input": "Who wrote it?", "context": "Emma wrote the letter.", "answers": ["Emma"], "length": 5,
+           "all_classes": None, "_id": "a"}
+    (tmp_path / "hotpotqa.jsonl").write_text((json.dumps(rec) + "\n") * 2)
+    r = invoke("longbench", prose_ckpt, "--data", tmp_path, "--limit", 1, "--max-new-tokens", 3, "--out", tmp_path / "o",
+               "--quiet")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["summary"]["by_dataset"]["hotpotqa"]["n"] == 1 and (tmp_path / "o" / "longbench_scores.png").is_file()
+    bad = invoke("longbench", prose_ckpt, "--data", tmp_path, "--datasets", "ruler")
+    assert bad.exit_code == 2 and "unknown LongBench dataset(s) ['ruler']" in bad.output
+
+
+@pytest.mark.parametrize("task, args, plot", [
+    ("niah", ["--lengths", "32,64", "--depths", "0,1", "--samples", 1, "--limit", 3], "niah_mplus.png"),
+    ("events", ["--length", 48, "--limit", 2], "events_acc.png"),
+    ("perplexity", ["--memory-tokens", 32, "--eval-tokens", 8, "--limit", 2], "perplexity_ppl.png"),
+])
+def test_book_tasks_end_to_end(prose_ckpt, tmp_path, task, args, plot):
+    r = invoke(task, prose_ckpt, *args, "--out", tmp_path, "--quiet")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["task"] == task and res["summary"]["failed"] == [] and (tmp_path / plot).stat().st_size > 1000
+
+
+def test_retention_on_planted_book_facts(prose_ckpt, tmp_path):
+    r = invoke("retention", prose_ckpt, "--data", "books:2", "--distances", "0,3", "--max-new-tokens", 3, "--quiet",
+               "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["settings"]["distractors"] == "books" and res["summary"]["by_distance"][1]["tokens_mean"] == 24
