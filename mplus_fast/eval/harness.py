@@ -12,7 +12,7 @@ pyproject.toml declares it for harness versions that discover plugins.
 Model arguments (`--model_args k=v,...`): `pretrained` (checkpoint folder), `tokenizer` (default:
 the folder's; or "llama3"), `device`, `dtype`, `backend`, `seed`, `retrieve` (false: STM only),
 `max_gen_toks` (default 256), `max_length` (tokens per read in rolling log-likelihoods, default
-2048), and the memory option:
+2048), `threads` (torch CPU threads, 0: torch's default), and the memory option:
 - `inject_document=false` (default): every request is read as one prompt over the checkpoint's
   memory;
 - `inject_document=true`: a request's context is split at its LAST `document_sep` (default a
@@ -38,9 +38,10 @@ class MPlusLM(LM):
     def __init__(self, pretrained: str, tokenizer: str | None = None, device: str = "cpu", dtype: str | None = None,
                  backend: str = "fast", seed: int = 0, retrieve: bool = True, inject_document: bool = False,
                  document_sep: str = "\n\n", chunk_tokens: int = 0, max_gen_toks: int = 256, max_length: int = 2048,
-                 **_harness):   # batch_size, max_batch_size: one request at a time
+                 threads: int = 0, **_harness):   # batch_size, max_batch_size: one request at a time
         super().__init__()
-        from mplus_fast.cliutil import parse_dtype
+        from mplus_fast.cliutil import parse_dtype, set_threads
+        set_threads(int(threads))
         from mplus_fast.eval.tokenizer import load_tokenizer
         self.tok = load_tokenizer(tokenizer, pretrained)
         self.source = ModelSource.from_pretrained(pretrained, device=_usable(device), dtype=parse_dtype(dtype),

@@ -61,3 +61,14 @@ def prose_ckpt(tmp_path_factory):
                                   **GEOMETRY)
     bpe_tokenizer_json(path, paragraphs("emma")[:400] + paragraphs("mobydick")[:400])
     return path
+
+
+@pytest.fixture(scope="package", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is many times faster than several that wait for each
+    other on a busy 2-core machine. Restored for the tests after this package."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
