@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mplus_fast.checkpoint import OURS, load_checkpoint, write_checkpoint
+from mplus_fast.checkpoint import OURS, load_checkpoint, read_generation_config, write_checkpoint
 from mplus_fast.config import MPlusConfig
 from mplus_fast.backends import BACKENDS, make_backend
 LTM_PLACEMENTS = ("device", "host")
@@ -96,8 +96,7 @@ class MPlus:
     def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=None, backend: str = "fast",
                         seed: int | None = None, age_mode: str = "inference", ltm_placement: str = "device") -> "MPlus":
         config, tensors = load_checkpoint(path)
-        gen_path = Path(path) / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        gen = read_generation_config(path, config)
         return cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
                    generation_config=gen, ltm_placement=ltm_placement)
 
