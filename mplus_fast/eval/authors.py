@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mplus_fast.qa import QAFormatError, QARecord
+from mplus_fast.qa import QAFormatError, QARecord, json_lines
 
 SQUAD_FILES = ("dev-v2.0.json", "train-v2.0.json", "indices_squad_3.npy")
 NQ_FILES = ("v1.0-simplified_nq-dev-all.jsonl", "v1.0-simplified_simplified-nq-train.jsonl", "indices_nq_4.npy")
@@ -138,26 +138,13 @@ def _squad_train_paragraphs(path: Path) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------- Natural Questions
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise QAFormatError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-
-
 def _span(tokens: list, start: int, end: int) -> str:
     return " ".join(t["token"] for t in tokens[start:end] if not t.get("html_token"))
 
 
 def _nq_dev(path: Path) -> list[QARecord]:
     out = []
-    for n, obj in _jsonl(path):
+    for where, obj in json_lines(path):
         try:
             ann = obj["annotations"][0]
             if ann.get("yes_no_answer") == "None":   # the authors' filter, kept as written
@@ -170,14 +157,14 @@ def _nq_dev(path: Path) -> list[QARecord]:
             short = _span(tokens, shorts[0]["start_token"], shorts[0]["end_token"])
             question = obj["question_text"]
         except (KeyError, IndexError, TypeError) as exc:
-            raise QAFormatError(f"{path}:{n}: not a Natural Questions record (missing {exc})") from None
+            raise QAFormatError(f"{where}: not a Natural Questions record (missing {exc})") from None
         out.append(QARecord("Context: " + long_answer, "Questions: " + question + "? Answer:", [short], [],
                             str(obj.get("example_id", f"nq-{len(out)}"))))
     return out
 
 
 def _nq_train_long_answers(path: Path) -> Iterator[str]:
-    for n, obj in _jsonl(path):
+    for where, obj in json_lines(path):
         try:
             ann = obj["annotations"][0]
             if ann.get("yes_no_answer") == "None":
@@ -188,6 +175,6 @@ def _nq_train_long_answers(path: Path) -> Iterator[str]:
             else:
                 text = " ".join(obj["document_text"].split()[start:end])
         except (KeyError, IndexError, TypeError) as exc:
-            raise QAFormatError(f"{path}:{n}: not a Natural Questions record (missing {exc})") from None
+            raise QAFormatError(f"{where}: not a Natural Questions record (missing {exc})") from None
         if text:
             yield text

@@ -47,11 +47,13 @@ def eval_errors(fn):
     return user_errors(wrapper)
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _numbers(text: str, what: str, kind=int) -> list:
+    """"0,8,32" → [0, 8, 32] (or floats), with a message naming the option."""
     try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+        values = [kind(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise CLIError(f"{what} {text!r}: expected comma-separated integers, e.g. 0,8,32") from None
+        example = "0,8,32" if kind is int else "0,0.5,1"
+        raise CLIError(f"{what} {text!r}: expected comma-separated {kind.__name__}s, e.g. {example}") from None
     if not values:
         raise CLIError(f"{what} is empty")
     return values
@@ -107,7 +109,7 @@ def retention(
     from mplus_fast.eval import retention as task
     from mplus_fast.eval.data import load_retention_data
     source, tok = _setup(ckpt, tokenizer, device, dtype, backend, seed, threads)
-    dist = _ints(distances, "--distances")
+    dist = _numbers(distances, "--distances")
     ds = load_retention_data(data, tok, max_distance=max(dist), seed=seed)
     given = {"max_new_tokens": max_new_tokens, "postprocess": postprocess, "chunk_tokens": chunk_tokens}
     settings = task.Settings(distances=tuple(dist), modes=_modes(modes), question_template=question_template,
@@ -146,16 +148,6 @@ def build_facts(
             r.distractors = texts
     path = write_jsonl(out, records)
     typer.echo(f"wrote {len(records)} planted facts to {path}")
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise CLIError(f"{what} {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
-    if not values:
-        raise CLIError(f"{what} is empty")
-    return values
 
 
 @eval_app.command()
@@ -209,7 +201,7 @@ def niah(
 ):
     """Needle in a haystack of book prose over a depth × length grid (heat map per mode)."""
     from mplus_fast.eval import niah as task, plots, report
-    settings = task.Settings(lengths=tuple(_ints(lengths, "--lengths")), depths=tuple(_floats(depths, "--depths")),
+    settings = task.Settings(lengths=tuple(_numbers(lengths, "--lengths")), depths=tuple(_numbers(depths, "--depths", float)),
                              samples=samples, modes=_modes(modes), chunk_tokens=chunk_tokens,
                              max_new_tokens=max_new_tokens, locate=not no_location)
     source, tok = _setup(ckpt, tokenizer, device, dtype, backend, seed, threads)

@@ -21,13 +21,10 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
-from mplus_fast.chunking import chunk_sizes
 from mplus_fast.eval import books
-from mplus_fast.eval.niah import needle_targets
-from mplus_fast.eval.results import RunStore, environment
-from mplus_fast.eval.runner import failed_keys, finish, mean, run_examples
-from mplus_fast.eval.session import (MODE_LABELS, ModelSource, available_modes, check_modes, inject_text, locate,
-                                     read_mode, recall_by_layer, token_logprobs)
+from mplus_fast.eval.runner import book_todo, failed_keys, finish, mean, prepare, run_examples
+from mplus_fast.eval.session import (MODE_LABELS, ModelSource, check_modes, inject_marked, locate, read_mode,
+                                     recall_by_layer, token_logprobs)
 
 TASK = "events"
 LETTERS = "ABCD"
@@ -89,10 +86,7 @@ def run_example(source: ModelSource, tokenizer, index: int, s: Settings, modes: 
 
     if "borderline" in modes:
         out["borderline"] = decide("borderline")
-    first = model.memory_stats()["injections"]
-    sizes = chunk_sizes(len(ids), s.chunk_tokens or model.config.num_tokens)
-    inject_text(model, ids, s.chunk_tokens)
-    targets = needle_targets(offset, len(event_ids), sizes, first)
+    targets = inject_marked(model, ids, offset, len(event_ids), s.chunk_tokens)
     out["event_injections"] = targets
     if s.locate and source.is_mplus:
         out["location"] = locate(model, targets)
@@ -112,13 +106,8 @@ def _tensor(model, ids):
 def run(source: ModelSource, tokenizer, n: int = 50, settings: Settings | None = None, *, seed: int = 0, out=None,
         restart: bool = False, progress: bool = True) -> dict:
     s = settings or Settings()
-    if n < 1:
-        raise ValueError(f"n={n} questions must be at least 1")
-    tokenizer.check_model(source.config.vocab_size)
-    modes = available_modes(source, s.modes)
-    store = RunStore(out, TASK, {**asdict(s), "seed": seed}, environment(source), restart=restart)
-    todo = [(i, f"{i}:{books.book_names()[i % len(books.book_names())]}", (source, tokenizer, i, s, modes, seed))
-            for i in range(n)]
+    store, modes = prepare(source, tokenizer, TASK, {**asdict(s), "seed": seed}, s.modes, out, restart)
+    todo = book_todo(n, lambda i: (source, tokenizer, i, s, modes, seed))
     started = time.perf_counter()
     running = lambda rec: {MODE_LABELS[m]: rec[m]["acc"] for m in modes}
     records = run_examples(todo, run_example, store, "events", running, progress)

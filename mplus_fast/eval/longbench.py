@@ -28,10 +28,9 @@ from pathlib import Path
 
 from mplus_fast.eval import metrics
 from mplus_fast.eval.errors import MissingExtra
-from mplus_fast.eval.results import RunStore, environment
-from mplus_fast.eval.runner import failed_keys, finish, mean, run_examples
-from mplus_fast.eval.session import MODE_LABELS, ModelSource, ask, available_modes, check_modes, inject_text
-from mplus_fast.qa import QAFormatError
+from mplus_fast.eval.runner import failed_keys, finish, mean, prepare, run_examples
+from mplus_fast.eval.session import MODE_LABELS, ModelSource, ask, check_modes, inject_text
+from mplus_fast.qa import QAFormatError, json_lines
 
 TASK = "longbench"
 POSTPROCESS = ("official", "first-line", "first-sentence", "none")
@@ -112,24 +111,16 @@ def load_examples(path: str | Path, names: list[str] | None = None) -> list[tupl
 
 
 def _records(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise QAFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise QAFormatError(f"{where}: expected a JSON object")
-            for field in ("context", "input", "answers"):
-                if field not in obj:
-                    raise QAFormatError(f"{where}: missing field {field!r} (a LongBench record has input, context, answers)")
-            if not isinstance(obj["answers"], list) or not all(isinstance(a, str) for a in obj["answers"]):
-                raise QAFormatError(f"{where}: field 'answers' must be a list of strings")
-            obj.setdefault("_id", f"{path.stem}-{n}")
-            yield where, obj
+    for where, obj in json_lines(path):
+        if not isinstance(obj, dict):
+            raise QAFormatError(f"{where}: expected a JSON object")
+        for field in ("context", "input", "answers"):
+            if field not in obj:
+                raise QAFormatError(f"{where}: missing field {field!r} (a LongBench record has input, context, answers)")
+        if not isinstance(obj["answers"], list) or not all(isinstance(a, str) for a in obj["answers"]):
+            raise QAFormatError(f"{where}: field 'answers' must be a list of strings")
+        obj.setdefault("_id", f"{path.stem}-{where.rsplit(':', 1)[1]}")
+        yield where, obj
 
 
 def _dataset_of(path: Path, obj: dict, where: str) -> str:
@@ -186,11 +177,8 @@ def run(source: ModelSource, tokenizer, examples: list[tuple[str, dict]], settin
     s = settings or Settings()
     if not examples:
         raise ValueError("no LongBench examples to evaluate")
-    tokenizer.check_model(source.config.vocab_size)
     _check_extras({d for d, _ in examples})
-    modes = available_modes(source, s.modes)
-    run_settings = {**asdict(s), "data": data or {}}
-    store = RunStore(out, TASK, run_settings, environment(source), restart=restart)
+    store, modes = prepare(source, tokenizer, TASK, {**asdict(s), "data": data or {}}, s.modes, out, restart)
     seen: dict[str, int] = {}
     todo = []
     for i, (dataset, ex) in enumerate(examples):

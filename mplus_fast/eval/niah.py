@@ -14,11 +14,9 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
-from mplus_fast.chunking import chunk_sizes
 from mplus_fast.eval import books, metrics
-from mplus_fast.eval.results import RunStore, environment
-from mplus_fast.eval.runner import failed_keys, finish, mean, run_examples
-from mplus_fast.eval.session import (MODE_LABELS, ModelSource, ask, available_modes, check_modes, inject_text, locate)
+from mplus_fast.eval.runner import failed_keys, finish, mean, prepare, run_examples
+from mplus_fast.eval.session import MODE_LABELS, ModelSource, ask, check_modes, inject_marked, locate
 
 TASK = "niah"
 
@@ -49,16 +47,6 @@ def grid(s: Settings) -> list[tuple[int, float, int]]:
     return [(n, d, k) for n in s.lengths for d in s.depths for k in range(s.samples)]
 
 
-def needle_targets(offset: int, needle_len: int, sizes: list[int], first_injection: int) -> list[int]:
-    """The injection ids whose chunks hold any token of [offset, offset + needle_len)."""
-    out, start = [], 0
-    for i, size in enumerate(sizes):
-        if start < offset + needle_len and offset < start + size:
-            out.append(first_injection + i)
-        start += size
-    return out
-
-
 def run_example(source: ModelSource, tokenizer, index: int, cell: tuple[int, float, int], s: Settings,
                 modes: tuple[str, ...], seed: int) -> dict:
     length, depth, sample = cell
@@ -76,10 +64,7 @@ def run_example(source: ModelSource, tokenizer, index: int, cell: tuple[int, flo
     if "borderline" in modes:
         a = ask(model, question, tokenizer, mode="borderline", **kw)
         out["borderline"] = {"text": a.text, "hit": metrics.hit(a.text, code)}
-    first = model.memory_stats()["injections"]
-    sizes = chunk_sizes(len(ids), s.chunk_tokens or model.config.num_tokens)
-    inject_text(model, ids, s.chunk_tokens)
-    targets = needle_targets(offset, len(needle), sizes, first)
+    targets = inject_marked(model, ids, offset, len(needle), s.chunk_tokens)
     out["needle_injections"] = targets
     if s.locate and source.is_mplus:
         out["location"] = locate(model, targets)
@@ -93,9 +78,7 @@ def run(source: ModelSource, tokenizer, settings: Settings | None = None, *, see
         limit: int | None = None, restart: bool = False, progress: bool = True) -> dict:
     """`limit`: the first N cells of the grid (length-major)."""
     s = settings or Settings()
-    tokenizer.check_model(source.config.vocab_size)
-    modes = available_modes(source, s.modes)
-    store = RunStore(out, TASK, {**asdict(s), "seed": seed}, environment(source), restart=restart)
+    store, modes = prepare(source, tokenizer, TASK, {**asdict(s), "seed": seed}, s.modes, out, restart)
     todo = [(i, f"{i}:L{c[0]}-d{c[1]}-s{c[2]}", (source, tokenizer, i, c, s, modes, seed)) for i, c in enumerate(grid(s))][:limit]
     started = time.perf_counter()
     running = lambda rec: {MODE_LABELS[m]: rec[m]["hit"] for m in modes}

@@ -14,10 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from mplus_fast.eval import books
-from mplus_fast.eval.results import RunStore, environment
-from mplus_fast.eval.runner import failed_keys, finish, run_examples
-from mplus_fast.eval.session import (MODE_LABELS, ModelSource, available_modes, check_modes, inject_text, read_mode,
-                                     token_logprobs)
+from mplus_fast.eval.runner import book_todo, failed_keys, finish, prepare, run_examples
+from mplus_fast.eval.session import MODE_LABELS, ModelSource, check_modes, inject_text, read_mode, token_logprobs
 
 TASK = "perplexity"
 
@@ -55,13 +53,8 @@ def run_example(source: ModelSource, tokenizer, index: int, s: Settings, modes: 
 def run(source: ModelSource, tokenizer, n: int = 20, settings: Settings | None = None, *, seed: int = 0, out=None,
         restart: bool = False, progress: bool = True) -> dict:
     s = settings or Settings()
-    if n < 1:
-        raise ValueError(f"n={n} examples must be at least 1")
-    tokenizer.check_model(source.config.vocab_size)
-    modes = available_modes(source, s.modes)
-    store = RunStore(out, TASK, {**asdict(s), "seed": seed}, environment(source), restart=restart)
-    todo = [(i, f"{i}:{books.book_names()[i % len(books.book_names())]}", (source, tokenizer, i, s, modes, seed))
-            for i in range(n)]
+    store, modes = prepare(source, tokenizer, TASK, {**asdict(s), "seed": seed}, s.modes, out, restart)
+    todo = book_todo(n, lambda i: (source, tokenizer, i, s, modes, seed))
     started = time.perf_counter()
     running = lambda rec: {MODE_LABELS[m]: math.exp(rec[m]["nll"] / rec["scored_tokens"]) for m in modes}
     records = run_examples(todo, run_example, store, "perplexity", running, progress)

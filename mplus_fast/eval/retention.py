@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Protocol, Sequence
 
 from mplus_fast.eval import metrics
-from mplus_fast.eval.results import RunStore, environment
-from mplus_fast.eval.runner import failed_keys, finish, mean, run_examples
-from mplus_fast.eval.session import (MODE_LABELS, ModelSource, ask, available_modes, check_modes, inject_chunk,
+from mplus_fast.eval.runner import failed_keys, finish, mean, prepare, run_examples
+from mplus_fast.eval.session import (MODE_LABELS, ModelSource, ask, check_modes, inject_chunk,
                                      inject_text, locate, split_ids)
 from mplus_fast.qa import QARecord
 
@@ -162,11 +161,9 @@ def run(source: ModelSource, tokenizer, records: Sequence[QARecord], settings: S
     s = settings or Settings()
     if not records:
         raise ValueError("no records to evaluate")
-    tokenizer.check_model(source.config.vocab_size)
-    modes = available_modes(source, s.modes)
     distractors = distractors or OwnThenOthers(records)
     run_settings = {**s.to_json(), "distractors": distractors.name, "data": data or {"records": len(records)}}
-    store = RunStore(out, TASK, run_settings, environment(source), restart=restart)
+    store, modes = prepare(source, tokenizer, TASK, run_settings, s.modes, out, restart)
     todo = [(i, f"{i}:{r.id}", (source, tokenizer, i, r, distractors, s, modes)) for i, r in enumerate(records)][:limit]
     last, started = str(s.distances[-1]), time.perf_counter()
 

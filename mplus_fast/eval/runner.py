@@ -7,7 +7,24 @@ import time
 from typing import Callable, Sequence
 
 from mplus_fast.eval.progress import Scoreboard, console, progress_bar
-from mplus_fast.eval.results import RunStore
+from mplus_fast.eval.results import RunStore, environment
+from mplus_fast.eval.session import available_modes
+
+
+def prepare(source, tokenizer, task: str, settings: dict, modes, out, restart: bool) -> tuple[RunStore, tuple[str, ...]]:
+    """Checks shared by every task, then the run's store: the tokenizer fits the model, the modes
+    this model has, and the run folder (new, resumed, or refused)."""
+    tokenizer.check_model(source.config.vocab_size)
+    return RunStore(out, task, settings, environment(source), restart=restart), available_modes(source, modes)
+
+
+def book_todo(n: int, args) -> list[tuple[int, str, tuple]]:
+    """n examples over the books in turn (example i reads book i mod 7), keyed "i:<book>"."""
+    from mplus_fast.eval.books import book_names
+    if n < 1:
+        raise ValueError(f"n={n} examples must be at least 1")
+    names = book_names()
+    return [(i, f"{i}:{names[i % len(names)]}", args(i)) for i in range(n)]
 
 
 def guarded(fn: Callable[..., dict], key: str, index: int, *args) -> dict:

@@ -94,6 +94,24 @@ def split_ids(model: MPlus, ids, chunk_tokens: int | None = None) -> list[torch.
     return chunk_ids(ids, chunk_tokens or model.config.num_tokens) if ids.numel() else []
 
 
+def inject_marked(model: MPlus, ids, offset: int, length: int, chunk_tokens: int | None = None) -> list[int]:
+    """Inject `ids` chunk by chunk; returns the injection ids whose chunks hold any of the
+    tokens [offset, offset + length) (a needle, a planted event)."""
+    written = [(inject_chunk(model, c), c.numel()) for c in split_ids(model, ids, chunk_tokens)]
+    return span_injections(offset, length, [n for _, n in written], written[0][0] if written else 0)
+
+
+def span_injections(offset: int, length: int, sizes: list[int], first_injection: int) -> list[int]:
+    """The injection ids (consecutive from `first_injection`, chunk lengths `sizes`) holding any
+    token of [offset, offset + length)."""
+    out, start = [], 0
+    for i, size in enumerate(sizes):
+        if start < offset + length and offset < start + size:
+            out.append(first_injection + i)
+        start += size
+    return out
+
+
 def inject_chunk(model: MPlus, chunk: torch.Tensor) -> int:
     """One injection with update; returns its injection id (the provenance of its memory rows)."""
     injection = model.memory_stats()["injections"]

@@ -92,10 +92,10 @@ def test_longbench_bad_input_is_named(tmp_path):
         longbench.load_examples(tmp_path, ["musique"])
 
 
-def test_needle_targets_are_the_chunks_holding_it():
-    assert niah.needle_targets(10, 3, [8, 8, 8], 5) == [6]
-    assert niah.needle_targets(7, 3, [8, 8, 8], 0) == [0, 1]
-    assert niah.needle_targets(0, 1, [8], 2) == [2]
+def test_span_injections_are_the_chunks_holding_it():
+    assert session.span_injections(10, 3, [8, 8, 8], 5) == [6]
+    assert session.span_injections(7, 3, [8, 8, 8], 0) == [0, 1]
+    assert session.span_injections(0, 1, [8], 2) == [2]
 
 
 def test_niah_grid_and_the_needle_position(prose):
