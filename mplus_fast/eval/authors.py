@@ -87,8 +87,9 @@ def load(folder: str | Path, name: str | None = None) -> AuthorsSet:
         raise FileNotFoundError(f"{folder} holds neither the authors' SQuAD set ({SQUAD_FILES[0]}) nor their NQ set "
                                 f"({NQ_FILES[0]})")
     if indices.is_file():
-        import numpy as np
-        order = [int(i) for i in np.load(indices)]
+        from numpy.lib.format import read_array
+        with indices.open("rb") as f:
+            order = [int(i) for i in read_array(f, allow_pickle=False)]   # an .npy of integers, never a pickle
         bad = [i for i in order if not 0 <= i < len(records)]
         if bad:
             raise QAFormatError(f"{indices}: index {bad[0]} is outside the {len(records)} examples of the dev file")
