@@ -55,6 +55,9 @@ def retention_plots(result: dict, folder: str | Path, metric: str = "f1") -> lis
             ax.plot([r["distance"] for r in rec], [100 * (r["recall"]["by_layer"][l] or 0) for r in rec],
                     color=plt.cm.viridis(l / max(layers - 1, 1)), alpha=0.6, lw=1, label=f"layer {l}" if layers <= 8 else None)
         ax.plot([r["distance"] for r in rec], [100 * (r["recall"]["any_layer"] or 0) for r in rec], "ko-", lw=2, label="any layer")
+        chance = [[c for c in r["recall"].get("chance_by_layer", []) if c is not None] for r in rec]
+        if all(chance):
+            ax.plot([r["distance"] for r in rec], [100 * sum(c) / len(c) for c in chance], "k:", label="chance (random R rows)")
         ax.set_xlabel("distance (distractor injections after the fact)")
         ax.set_ylabel("recall@R of the fact's injection (%)")
         ax.set_ylim(-2, 102)

@@ -42,17 +42,21 @@ def retention_tables(result: dict, max_layers: int = 8) -> list[Table]:
     if rec_rows:
         layers = len(rec_rows[0]["recall"]["by_layer"])
         shown = list(range(layers)) if layers <= max_layers else [0, layers // 4, layers // 2, 3 * layers // 4, layers - 1]
-        rec = Table(title="recall@R (%) of the fact's injection, by layer (M+ reads)", title_justify="left")
+        rec = Table(title="recall@R (%) of the fact's injection, by layer (M+ reads); chance: a random choice of R rows",
+                    title_justify="left")
         rec.add_column("D", justify="right")
         rec.add_column("any layer", justify="right")
         for l in shown:
             rec.add_column(f"L{l}", justify="right")
+        rec.add_column("chance", justify="right")
         rec.add_column("fact rows STM/pend/LTM", justify="right", no_wrap=True)
         for row in rec_rows:
             r = row["recall"]
             rows = r.get("fact_rows_mean")
             where = "/".join("–" if rows[k] is None else f"{rows[k]:.1f}" for k in ("stm", "pending", "ltm")) if rows else "–"
-            rec.add_row(str(row["distance"]), _pct(r["any_layer"]), *[_pct(r["by_layer"][l]) for l in shown], where)
+            chance = [c for c in r.get("chance_by_layer", []) if c is not None]
+            rec.add_row(str(row["distance"]), _pct(r["any_layer"]), *[_pct(r["by_layer"][l]) for l in shown],
+                        _pct(sum(chance) / len(chance)) if chance else "–", where)
         tables.append(rec)
     return tables
 

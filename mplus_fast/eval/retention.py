@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, Protocol, Sequence
 from mplus_fast.eval import metrics
 from mplus_fast.eval.runner import failed_keys, finish, mean, prepare, run_examples
 from mplus_fast.eval.session import (MODE_LABELS, ModelSource, ask, check_modes, inject_chunk,
-                                     inject_text, locate, split_ids)
+                                     chance_recall, inject_text, locate, split_ids)
 from mplus_fast.qa import QARecord
 
 TASK = "retention"
@@ -144,6 +144,7 @@ def run_example(source: ModelSource, tokenizer, index: int, record: QARecord, di
         entry = {"tokens": tokens}
         if s.locate and source.is_mplus:
             entry["location"] = locate(model, targets)
+            entry["chance"] = [round(c, 4) for c in chance_recall(entry["location"], model, model.config.ltm_retrieved)]
         for mode in (m for m in modes if m != "borderline"):
             entry[mode] = score(ask(model, question, tokenizer, mode=mode, targets=targets, **ask_kw),
                                 record.answers, s.postprocess)
@@ -193,13 +194,14 @@ def recall_summary(entries: list[dict]) -> dict:
         return {}
     layers = len(with_recall[0]["mplus"]["recall"])
     located = all("location" in e for e in with_recall)
-    by_layer, retrievable = [], []
+    by_layer, retrievable, chance = [], [], []
     for l in range(layers):
         pool = [e for e in with_recall if not located or sum(e["location"][l][1:]) > 0]
         retrievable.append(len(pool))
         by_layer.append(mean(float(e["mplus"]["recall"][l]) for e in pool))
+        chance.append(mean(e["chance"][l] for e in pool if "chance" in e))
     any_pool = [e for e in with_recall if not located or any(sum(loc[1:]) > 0 for loc in e["location"])]
-    out = {"by_layer": by_layer, "questions_retrievable_by_layer": retrievable,
+    out = {"by_layer": by_layer, "chance_by_layer": chance, "questions_retrievable_by_layer": retrievable,
            "any_layer": mean(float(any(e["mplus"]["recall"])) for e in any_pool),
            "mean_share": mean(sum(e["mplus"]["share"]) / layers for e in with_recall),
            "conditional_on_location": located}

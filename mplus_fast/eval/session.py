@@ -216,3 +216,32 @@ def token_logprobs(model: MPlus, context_ids, continuation_ids, *, retrieve: boo
     picked = rows.gather(1, targets[:, None])[:, 0]
     greedy = bool((rows.argmax(-1) == targets).all())
     return picked.tolist(), greedy, out.ltm_provenance
+
+
+def chance_recall(location: list[list[int]], model_or_sizes, retrieved: int) -> list[float]:
+    """Per layer, the recall a retriever choosing `retrieved` rows at random would have: the
+    chance that R rows drawn without replacement from the M rows of the LTM and pending buffer
+    include one of the k rows of the fact (1 when M <= R: every row is read). The floor that a
+    trained retriever's recall@R must beat."""
+    sizes = bank_sizes(model_or_sizes) if not isinstance(model_or_sizes, list) else model_or_sizes
+    out = []
+    for (_, pend, ltm), m in zip(location, sizes):
+        k = pend + ltm
+        if k == 0:
+            out.append(0.0)
+        elif m <= retrieved:
+            out.append(1.0)
+        else:   # 1 - C(m - k, R) / C(m, R), as a product to stay in floats
+            miss = 1.0
+            for i in range(retrieved):
+                miss *= max(m - k - i, 0) / (m - i)
+                if miss == 0.0:
+                    break
+            out.append(1.0 - miss)
+    return out
+
+
+def bank_sizes(model: MPlus) -> list[int]:
+    """Per layer, the rows retrieval chooses from: LTM plus pending buffer (cheap: counts only)."""
+    st = model.memory_stats()
+    return [n + st["pending_tokens"] for n in st["ltm_tokens_per_layer"]]

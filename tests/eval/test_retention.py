@@ -165,3 +165,12 @@ def test_stm_mode_is_dropped_for_memoryllm(tmp_path):
 def test_bad_settings_are_named(kw, msg):
     with pytest.raises(ValueError, match=msg):
         retention.Settings(**kw)
+
+
+def test_chance_recall_is_the_hypergeometric_floor():
+    from math import comb
+    loc = [[3, 2, 5], [0, 0, 0], [1, 0, 4], [0, 1, 1]]
+    got = session.chance_recall(loc, [100, 50, 10, 30], retrieved=12)
+    assert got[0] == pytest.approx(1 - comb(93, 12) / comb(100, 12))
+    assert got[1] == 0.0 and got[2] == 1.0, "nothing to find; every row is read when M <= R"
+    assert got[3] == pytest.approx(1 - comb(28, 12) / comb(30, 12))
