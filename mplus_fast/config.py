@@ -202,8 +202,10 @@ class MPlusConfig:
                 raise _bad(self, name, "must be true or false")
         if not isinstance(self.architectures, list) or len(self.architectures) != 1 or self.architectures[0] not in ARCHITECTURES:
             raise _bad(self, "architectures", f"is not supported (expected one of {[[a] for a in ARCHITECTURES]})")
-        if self.extra.get("model_type", "llama") != "llama":
-            raise ConfigError(f"config.json: model_type={self.extra['model_type']!r} is not supported (expected 'llama')")
+        model_type = self.extra.get("model_type", "llama")
+        own_type = {"MPlus": "mplus", "MemoryLLM": "memoryllm"}[self.architecture]   # mplus_fast.hf.auto.mark_for_auto
+        if model_type not in ("llama", own_type):
+            raise ConfigError(f"config.json: model_type={model_type!r} is not supported (expected 'llama' or {own_type!r})")
         for name, allowed in (("hidden_act", ACTIVATIONS), ("update_ltm_mode", ("immediate",))):
             if getattr(self, name) not in allowed:
                 raise _bad(self, name, f"is not supported (expected one of {list(allowed)})")
