@@ -14,8 +14,8 @@ modes are asked at the same moment of the same stream.
 
 A fresh memory per example (`ModelSource.fresh`): every example starts from the checkpoint's
 memory with a generator seeded from (seed, example index), so an example's result does not depend
-on which examples ran before it — the basis of resumable runs. The checkpoint's tensors are read
-once and shared.
+on which examples ran before it — the basis of resumable runs. The model is built once; each
+example restores the memory snapshot taken at load (`mplus_fast.memories`).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def check_modes(modes) -> tuple[str, ...]:
 
 @dataclass
 class ModelSource:
-    """A checkpoint read once; `fresh(index)` builds a model on its original memory."""
+    """A checkpoint loaded once; `fresh(index)` hands out its model on the checkpoint's memory."""
     path: str
     config: object
     tensors: dict
@@ -61,10 +61,26 @@ class ModelSource:
         return cls(str(path), config, tensors, json.loads(gen.read_text()) if gen.is_file() else None,
                    device, dtype, backend, seed)
 
+    def __post_init__(self):
+        self._model: MPlus | None = None
+
+    def example_seed(self, index: int) -> int:
+        return self.seed * 1_000_003 + index
+
     def fresh(self, index: int = 0) -> MPlus:
-        """A model with the checkpoint's memory and a generator seeded from (seed, index)."""
-        return MPlus(self.config, self.tensors, device=self.device, dtype=self.dtype, backend=self.backend,
-                     seed=self.seed * 1_000_003 + index, generation_config=self.generation_config)
+        """The model, its memory put back to the checkpoint's (`MPlus.restore` of a snapshot taken
+        at load: the weights are not rebuilt), its generator seeded from (seed, index) and its
+        RoPE cache as loaded. The same object every time: a previous example's model is reset."""
+        if self._model is None:
+            self._model = MPlus(self.config, self.tensors, device=self.device, dtype=self.dtype, backend=self.backend,
+                                seed=self.example_seed(index), generation_config=self.generation_config)
+            self._initial = (self._model.snapshot(), self._model.rope.state())
+        else:
+            memory, rope = self._initial
+            self._model.restore(memory)
+            self._model.rope.load_state(rope)
+        self._model.generator.manual_seed(self.example_seed(index))
+        return self._model
 
     @property
     def is_mplus(self) -> bool:

@@ -174,3 +174,19 @@ def test_chance_recall_is_the_hypergeometric_floor():
     assert got[0] == pytest.approx(1 - comb(93, 12) / comb(100, 12))
     assert got[1] == 0.0 and got[2] == 1.0, "nothing to find; every row is read when M <= R"
     assert got[3] == pytest.approx(1 - comb(28, 12) / comb(30, 12))
+
+
+def test_fresh_memory_equals_a_newly_built_model(setup):
+    """Restoring the load-time snapshot is the same as building the model again."""
+    from mplus_fast.model import MPlus
+    source, tok = setup
+    recs = records()
+    retention.run(source, tok, recs[:2], retention.Settings(**SETTINGS), progress=False)   # the model has been used
+    reused = retention.run_example(source, tok, 3, recs[3], retention.OwnThenOthers(recs), retention.Settings(**SETTINGS),
+                                   session.MODES)
+    rebuilt = session.ModelSource(source.path, source.config, source.tensors, source.generation_config, seed=source.seed)
+    rebuilt._model = MPlus(source.config, source.tensors, seed=source.example_seed(3),
+                           generation_config=source.generation_config)
+    rebuilt._initial = (rebuilt._model.snapshot(), rebuilt._model.rope.state())
+    assert reused == retention.run_example(rebuilt, tok, 3, recs[3], retention.OwnThenOthers(recs),
+                                           retention.Settings(**SETTINGS), session.MODES)
