@@ -75,6 +75,7 @@ class ModelSource:
             self._model = MPlus(self.config, self.tensors, device=self.device, dtype=self.dtype, backend=self.backend,
                                 seed=self.example_seed(index), generation_config=self.generation_config)
             self._initial = (self._model.snapshot(), self._model.rope.state())
+            self.tensors = {}   # the model holds what it needs; do not keep a second (float32) copy
         else:
             memory, rope = self._initial
             self._model.restore(memory)

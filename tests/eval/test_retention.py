@@ -184,8 +184,8 @@ def test_fresh_memory_equals_a_newly_built_model(setup):
     retention.run(source, tok, recs[:2], retention.Settings(**SETTINGS), progress=False)   # the model has been used
     reused = retention.run_example(source, tok, 3, recs[3], retention.OwnThenOthers(recs), retention.Settings(**SETTINGS),
                                    session.MODES)
-    rebuilt = session.ModelSource(source.path, source.config, source.tensors, source.generation_config, seed=source.seed)
-    rebuilt._model = MPlus(source.config, source.tensors, seed=source.example_seed(3),
+    rebuilt = session.ModelSource.from_pretrained(source.path, seed=source.seed)
+    rebuilt._model = MPlus(rebuilt.config, rebuilt.tensors, seed=source.example_seed(3),
                            generation_config=source.generation_config)
     rebuilt._initial = (rebuilt._model.snapshot(), rebuilt._model.rope.state())
     assert reused == retention.run_example(rebuilt, tok, 3, recs[3], retention.OwnThenOthers(recs),
