@@ -1,4 +1,4 @@
-"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, serve.
+"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, serve, eval.
 
 Commands stay thin: they parse options, call the public API (`mplus_fast.load`, `MPlus`), and
 print with rich. User errors (missing checkpoint, bad ids, bad options) print one red line and
@@ -262,6 +262,11 @@ def serve(
                max_body_mb=max_body_mb, max_inject_mb=max_inject_mb, request_timeout=request_timeout,
                queue_timeout=queue_timeout, seed=seed, device=str(parse_device(device)), dtype=parse_dtype(dtype), backend=backend,
                threads=threads)
+
+
+from mplus_fast.eval.cli import eval_app  # noqa: E402  (the evaluation wing: `mplus-fast eval TASK CKPT`)
+
+app.add_typer(eval_app, name="eval")
 
 
 if __name__ == "__main__":  # python -m mplus_fast.cli

@@ -79,8 +79,8 @@ def parse_record(obj, where: str, default_id: str) -> QARecord:
     return QARecord(obj["context"], obj["question"], answers, distractors, str(rid))
 
 
-def read_jsonl(path: str | Path) -> Iterator[QARecord]:
-    """The records of a JSONL file, in order (see the module doc for the format)."""
+def json_lines(path: str | Path) -> Iterator[tuple[str, object]]:
+    """("<path>:<line number>", decoded JSON value) for each non-blank line of a JSONL file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -90,10 +90,15 @@ def read_jsonl(path: str | Path) -> Iterator[QARecord]:
                 continue
             where = f"{path}:{n}"
             try:
-                obj = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise QAFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            yield parse_record(obj, where, f"line-{n}")
+
+
+def read_jsonl(path: str | Path) -> Iterator[QARecord]:
+    """The records of a JSONL file, in order (see the module doc for the format)."""
+    for where, obj in json_lines(path):
+        yield parse_record(obj, where, f"line-{where.rsplit(':', 1)[1]}")
 
 
 def write_jsonl(path: str | Path, records: Iterable[QARecord]) -> Path:
