@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mplus_fast.ops  # noqa: F401
-from mplus_fast.ops import build_info
+from mplus_fast.ops.testing import skip_unless_native
 from mplus_fast.ops.retrieval import retrieval_topk_reference
 
 FULL = os.environ.get("MPLUS_BENCH_FULL", "0") == "1"
@@ -53,8 +53,8 @@ def _inputs(shape, device, dtype):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_retrieval_topk(benchmark, impl, shape, device):
-    if impl == "native" and not build_info()["ext_loaded"]:
-        pytest.skip("native library not built")
+    if impl == "native":
+        skip_unless_native("retrieval_topk", device)
     if impl == "triton" and device != "cuda":
         pytest.skip("the Triton kernel is benchmarked on CUDA only")
     if device == "cpu" and shape == "released" and not FULL:
@@ -115,8 +115,7 @@ def peak_extra_bytes(impl: str, n: int, M: int, s: int, k: int) -> int:
 
 def test_cpu_peak_memory_ratio():
     """Native peak extra memory <= 1/8 of the reference's (the issue's target)."""
-    if not build_info()["ext_loaded"]:
-        pytest.skip("native library not built")
+    skip_unless_native("retrieval_topk")
     if not (FULL or os.environ.get("MPLUS_BENCH_MEMORY", "0") == "1"):
         pytest.skip("two fresh interpreters: only with MPLUS_BENCH_FULL=1 or MPLUS_BENCH_MEMORY=1")
     n, M, s, k = (512, 153_600, 256, 2560) if FULL else (256, 40_000, 64, 256)

@@ -10,6 +10,7 @@ import torch
 
 import mplus_fast.ops  # noqa: F401
 from mplus_fast.ops.rope import rope_apply_reference
+from mplus_fast.ops.testing import skip_unless_native
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -21,6 +22,8 @@ IMPLS = {"reference": rope_apply_reference, "native": torch.ops.mplus_fast.rope_
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_rope_apply(benchmark, shape, impl, dtype):
+    if impl == "native":
+        skip_unless_native("rope_apply", DEVICE)
     B, H, S, D = SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, H, S, D, generator=g).to(dtype).to(DEVICE)
