@@ -48,6 +48,7 @@ def _threads():
 
 # name -> (bank rows M, row shape, dtype, gathered rows R)
 SHAPES = {
+    "mid-kv-f32": (20_000, (2, 4, 64), torch.float32, 640),   # CPU-mid: a layer's retrieved K/V rows
     "small-4096f32": (4_096, (1_024,), torch.float32, 640),
     "small-kv-bf16": (4_096, (2, 256), torch.bfloat16, 640),
 }
@@ -88,6 +89,7 @@ def _ext(shape):
 @pytest.mark.parametrize("impl", [
     "reference",
     "reference_out",  # torch.index_select(..., out=buffer): the reference's best into a reused buffer
+    "engine_indexing",  # bank[index]: what the fast backend's device placement runs (gather_split)
     pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason=native_reason("gather_rows"))),
     pytest.param("native_out", marks=pytest.mark.skipif(not NATIVE, reason=native_reason("gather_rows"))),
 ])
@@ -99,6 +101,8 @@ def test_cpu_gather(benchmark, impl, shape):
     elif impl == "reference_out":
         out = torch.empty((r, *row), dtype=dtype)
         fn = functools.partial(torch.index_select, bank, 0, index, out=out)
+    elif impl == "engine_indexing":
+        fn = functools.partial(bank.__getitem__, index)
     elif impl == "native":
         fn = functools.partial(torch.ops.mplus_fast.gather_rows, bank, index)
     else:  # into a preallocated (pinned when CUDA) buffer: the prefetch engine's staging path

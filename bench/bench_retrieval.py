@@ -2,6 +2,7 @@
 
 Small CPU shapes always run (untimed in CI with --benchmark-disable); the released per-layer
 geometry (512 queries x 153,600 keys x 256) runs when CUDA is available or MPLUS_BENCH_FULL=1.
+float32 and bfloat16 (the GPU default, and the SPEC §10 rounding path) on every device.
 Peak extra memory is measured in a fresh subprocess per implementation: a thread samples the
 process RSS (psutil) every 1 ms during one call (after a warm-up call); peak minus the RSS just before the call (large
 temporaries are mmapped by malloc and returned on free, so RSS follows them).
@@ -49,17 +50,18 @@ def _inputs(shape, device, dtype):
     return q, keys, extra, k
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_retrieval_topk(benchmark, impl, shape, device):
+def test_retrieval_topk(benchmark, impl, shape, device, dtype):
     if impl == "native":
         skip_unless_native("retrieval_topk", device)
     if impl == "triton" and device != "cuda":
         pytest.skip("the Triton kernel is benchmarked on CUDA only")
     if device == "cpu" and shape == "released" and not FULL:
         pytest.skip("released geometry on CPU only with MPLUS_BENCH_FULL=1")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, dtype)  # bf16/fp16 score with the SPEC §10 rounding steps
     q, keys, extra, k = _inputs(SHAPES[shape], device, dtype)
     B, n, M, E, s, _ = SHAPES[shape]
     flops = 2 * B * n * (M + E) * s

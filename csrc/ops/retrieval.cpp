@@ -7,10 +7,9 @@
 // unmasked queries. Peak temporary memory: threads x (n x C + C x s) floats, C ~ 2 MiB / (4 n).
 // Precision (SPEC §10): float32 inputs score in float32 (column sums in double). bf16/fp16
 // inputs score as the authors' code does in that dtype: each product (exact in float32: a
-// product of two bf16/fp16 values) summed in float32 and rounded once to the dtype, sigmoid in
-// float32 of that and rounded again (ATen's float sigmoid rounded to the dtype equals ATen's
-// bf16/fp16 sigmoid for every input; tests/ops/test_retrieval.py checks all 2^16), the column
-// sum in float32, divided by the count and rounded once. Scores are those rounded values.
+// product of two bf16/fp16 values) summed in float32 and rounded once to the dtype, torch's
+// sigmoid in the dtype, the column sum in float32, divided by the count and rounded once.
+// Scores are those rounded values.
 // Top-k: csrc/ops/topk.cpp (radix select + stable compaction: ties at the k-th place go to the
 // lower index, indices ascending), with the radix passes the rounded dtype needs.
 #include <ATen/ATen.h>
@@ -74,29 +73,24 @@ std::tuple<at::Tensor, at::Tensor> retrieval_cyclic(int64_t batch, int64_t m, in
 
 namespace {
 
-// Round float32 values in place to T's precision (kept as float32), as `.to(T)` does.
-template <typename T>
-void round_to(float* p, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) p[i] = static_cast<float>(static_cast<T>(p[i]));
-}
-
-// Column sums over the queries (rows) of one chunk's sigmoid scores (rows x width), into
-// out[0, width): float32 (T = float: float64 sums, rounded at the end; else float32 sums of
-// values rounded to T, the mean rounded to T).
+// Column sums over the queries (rows) of one chunk's dot products (rows x width, float32), the
+// mean into out[0, width). T = float: sigmoid in float32, float64 sums. Otherwise SPEC §10 in
+// ATen's own vectorised kernels: the dot products rounded to T (`.to(T)`, round to nearest
+// even), torch's sigmoid in T (the reference's very operation), float32 sums, the mean rounded
+// to T.
 template <typename T>
 void chunk_scores(at::Tensor& sc, int64_t rows, int64_t width, float* out) {
-  float* p = sc.data_ptr<float>();
-  const int64_t count = rows * width;
   if constexpr (std::is_same_v<T, float>) {
     sc.sigmoid_();
+    const float* p = sc.const_data_ptr<float>();
     std::vector<double> acc(width, 0.0);
     for (int64_t i = 0; i < rows; ++i, p += width)
       for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
     for (int64_t j = 0; j < width; ++j) out[j] = float(acc[j] / double(rows));
   } else {
-    round_to<T>(p, count);  // q . key: float32 sum, rounded once to T
-    sc.sigmoid_();
-    round_to<T>(p, count);  // sigmoid in T
+    const auto dtype = std::is_same_v<T, c10::BFloat16> ? at::kBFloat16 : at::kHalf;
+    const at::Tensor sig = at::sigmoid(sc.to(dtype)).to(at::kFloat);
+    const float* p = sig.const_data_ptr<float>();
     std::vector<float> acc(width, 0.0f);
     for (int64_t i = 0; i < rows; ++i, p += width)
       for (int64_t j = 0; j < width; ++j) acc[j] += p[j];

@@ -1,12 +1,14 @@
 // mplus_fast::topk_ascending, CPU kernel, and the CPU top-k used by retrieval_topk.
 //
 // Design: the selection of csrc/kernels/topk_select.h (radix select + stable compaction, no
-// sort) run by an OpenMP team standing in for the CUDA block: the same barriers, atomics and
-// team scans, so the GPU's selection logic is exercised by every CPU test. A row gets a team
-// of up to at::get_num_threads() ranks, one per kMinPerRank scores (small rows run on one
-// thread: a barrier costs microseconds). With more rows than threads, rows run in parallel,
-// one rank each. Versus std::nth_element (the previous kernel): the same O(n), and ties and
-// the ascending output come out of the compaction instead of a comparison sort of the k.
+// sort). By default each row is selected by one thread (rows in parallel): ~2-3 ms for a
+// 153,600-score row, against ~20-40 ms for the reference's sort. MPLUS_FAST_TOPK_RANKS=<r>
+// (read per call) runs each row by an OpenMP team of r ranks standing in for the CUDA block:
+// the same barriers, atomics and team scans as the GPU, with real concurrency; the tests use it
+// to exercise the GPU's team logic on the CPU. (It is not the default: ~40 barriers per row,
+// and on an oversubscribed machine a barrier waits for a descheduled thread, milliseconds.)
+// A rank needs at least kMinPerRank scores. Versus std::nth_element (the previous kernel): the
+// same O(n); ties and the ascending output come out of the compaction instead of a sort.
 #include "ops/topk.h"
 
 #include <ATen/Parallel.h>
@@ -19,12 +21,20 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <vector>
 
 namespace mplus_fast {
 namespace {
 
-constexpr int64_t kMinPerRank = 16384;
+constexpr int64_t kMinPerRank = 1024;
+
+// Ranks per row asked for with MPLUS_FAST_TOPK_RANKS (1 = one thread per row, the default).
+int ranks_requested() {
+  const char* env = std::getenv("MPLUS_FAST_TOPK_RANKS");
+  const int r = env != nullptr ? std::atoi(env) : 1;
+  return std::clamp(r, 1, 1024);
+}
 
 // The whole team of the enclosing `omp parallel` region.
 struct OmpTeam {
@@ -73,15 +83,14 @@ std::tuple<at::Tensor, at::Tensor> topk_rows_cpu(const at::Tensor& scores_in, in
   const float* sp = scores.const_data_ptr<float>();
   int64_t* ip = idx.data_ptr<int64_t>();
   float* vp = val.data_ptr<float>();
-  const int threads = std::max(1, at::get_num_threads());
-  if (B >= threads || n < 2 * kMinPerRank) {
+  const int ranks = int(std::min<int64_t>(ranks_requested(), n / kMinPerRank));
+  if (ranks <= 1) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<uint64_t> work(topk::work_entries(1));
       const auto w = topk::carve_work(work.data(), 1);
       for (int64_t b = b0; b < b1; ++b) topk::select_topk(SoloTeam{}, sp + b * n, n, k, passes, w, ip + b * k, vp + b * k);
     });
   } else {
-    const int ranks = int(std::min<int64_t>(threads, n / kMinPerRank));
     for (int64_t b = 0; b < B; ++b) select_row_team(sp + b * n, n, k, passes, ranks, ip + b * k, vp + b * k);
   }
   return {idx, val};

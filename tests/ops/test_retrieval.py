@@ -294,20 +294,17 @@ def test_ties_go_to_lower_index(impl, dtype):
 
 
 @pytest.mark.parametrize("device", native_devices())
-@pytest.mark.parametrize("threads", [1, 3, 7])
-def test_large_tied_rows_under_several_team_sizes(device, threads):
-    """A row long enough for a team of ranks in the CPU selection (csrc/ops/topk.cpp), with tens of
-    thousands of exact ties at the cut: the same answer for every team size."""
-    g = torch.Generator().manual_seed(threads)
+@pytest.mark.parametrize("ranks", [1, 3, 7])
+def test_large_tied_rows_under_several_team_sizes(device, ranks, monkeypatch):
+    """A row selected by a team of ranks (csrc/ops/topk.cpp, MPLUS_FAST_TOPK_RANKS: the GPU
+    block's code on an OpenMP team), with tens of thousands of exact ties at the cut: the same
+    answer for every team size."""
+    monkeypatch.setenv("MPLUS_FAST_TOPK_RANKS", str(ranks))
+    g = torch.Generator().manual_seed(ranks)
     q = dyadic((1, 5, 16), g).to(torch.bfloat16).to(device)
-    keys = dyadic((120_000, 16), g, distinct_rows=4).to(torch.bfloat16).to(device)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        idx, sc = op(q, keys, None, 50_000)
-    finally:
-        torch.set_num_threads(before)
-    ridx, rsc = retrieval_topk_reference(q, keys, None, 50_000)
+    keys = dyadic((60_000, 16), g, distinct_rows=4).to(torch.bfloat16).to(device)
+    idx, sc = op(q, keys, None, 25_000)
+    ridx, rsc = retrieval_topk_reference(q, keys, None, 25_000)
     assert torch.equal(idx.cpu(), ridx.cpu()) and torch.equal(sc.cpu(), rsc.cpu())
 
 

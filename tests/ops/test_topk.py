@@ -1,7 +1,7 @@
 """topk_ascending: the native selection (csrc/kernels/topk_select.h, the code the CUDA block runs)
 against the reference's stable sort, exactly: indices and values, on awkward shapes and on rows
 built to be hard (thousands of exact ties at the cut, NaN, +-inf, -0), with OpenMP teams of
-several sizes standing in for the CUDA block; opcheck; argument errors."""
+several sizes standing in for the CUDA block (MPLUS_FAST_TOPK_RANKS); opcheck; argument errors."""
 from __future__ import annotations
 
 import pytest
@@ -55,22 +55,18 @@ def test_special_values(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("threads", [1, 2, 3, 7])
-def test_team_sizes(device, threads):
-    """Rows long enough for a team of ranks (csrc/ops/topk.cpp: one per 16,384 scores): the team's
-    barriers, atomics and scans give the sequential answer for any team size; and more rows than
-    threads (one rank per row)."""
-    g = torch.Generator().manual_seed(threads)
-    scores = torch.cat([tied(1, 150_000, 3, g), torch.randn(1, 150_000, generator=g)])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for k in (1, 49_999, 100_001, 150_000):
-            assert_same(scores[:1], k, device, f"tied k={k}")
-        assert_same(scores[1:], 2560, device, "random")
-        assert_same(tied(9, 40_000, 4, g), 12_345, device, "9 rows")
-    finally:
-        torch.set_num_threads(before)
+@pytest.mark.parametrize("ranks", [1, 2, 3, 7, 64])
+def test_team_sizes(device, ranks, monkeypatch):
+    """Rows selected by a team of ranks (MPLUS_FAST_TOPK_RANKS: on the CPU an OpenMP team runs the
+    CUDA block's code, with its barriers, atomics and scans; a rank needs >= 1,024 scores): the
+    sequential answer for any team size, on tied and random rows, one row or several."""
+    monkeypatch.setenv("MPLUS_FAST_TOPK_RANKS", str(ranks))
+    g = torch.Generator().manual_seed(ranks)
+    scores = torch.cat([tied(1, 70_000, 3, g), torch.randn(1, 70_000, generator=g)])
+    for k in (1, 23_333, 46_667, 70_000):
+        assert_same(scores[:1], k, device, f"tied k={k}")
+    assert_same(scores[1:], 2560, device, "random")
+    assert_same(tied(5, 9_000, 4, g), 4_321, device, "5 rows")
 
 
 @pytest.mark.parametrize("device", DEVICES)
