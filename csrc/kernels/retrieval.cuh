@@ -68,16 +68,39 @@ __device__ __forceinline__ float score_mean(float sum, float count) {
   return count > 0.f ? round_to<T>(sum / count) : 0.f;
 }
 
+// What both scoring kernels read and write. q: (B, n, s) with unit stride on s; keys (M, s),
+// extra (E, s) likewise (extra may be null when E == 0); mask (B, n) bool or null; count (B):
+// unmasked queries per row; out (B, M + E) float32, contiguous.
+template <typename T>
+struct ScoreArgs {
+  const T* q;
+  int64_t q_sb, q_sn;
+  int n, s;
+  const T* keys;
+  int64_t k_s0, M;
+  const T* extra;
+  int64_t e_s0, E;
+  const bool* mask;
+  int64_t m_sb, m_sn;
+  const float* count;
+  float* out;
+};
+
 // ----------------------------------------------------------------------------------- CUDA cores
 constexpr int kTileKeys = 64, kTileQueries = 64, kTileS = 32, kThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-retrieval_scores_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sn, int n, int s,
-                        const T* __restrict__ keys, int64_t k_s0, int64_t M,
-                        const T* __restrict__ extra, int64_t e_s0, int64_t E,
-                        const bool* __restrict__ mask, int64_t m_sb, int64_t m_sn,
-                        const float* __restrict__ count, float* __restrict__ out) {
+retrieval_scores_kernel(const ScoreArgs<T> a) {
+  const T* __restrict__ q = a.q;
+  const T* __restrict__ keys = a.keys;
+  const T* __restrict__ extra = a.extra;
+  const bool* __restrict__ mask = a.mask;
+  const int64_t q_sb = a.q_sb, q_sn = a.q_sn, k_s0 = a.k_s0, M = a.M, e_s0 = a.e_s0, E = a.E;
+  const int64_t m_sb = a.m_sb, m_sn = a.m_sn;
+  const int n = a.n, s = a.s;
+  const float* __restrict__ count = a.count;
+  float* __restrict__ out = a.out;
   __shared__ float qs[kTileS][kTileQueries + 1];  // transposed tiles, padded against bank conflicts
   __shared__ float ks[kTileS][kTileKeys + 1];
   __shared__ float wq[kTileQueries];
@@ -180,11 +203,16 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, int rows, int s, bool 
 
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads)
-retrieval_scores_mma_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sn, int n, int s,
-                            const T* __restrict__ keys, int64_t k_s0, int64_t M,
-                            const T* __restrict__ extra, int64_t e_s0, int64_t E,
-                            const bool* __restrict__ mask, int64_t m_sb, int64_t m_sn,
-                            const float* __restrict__ count, float* __restrict__ out, bool vec_q, bool vec_k) {
+retrieval_scores_mma_kernel(const ScoreArgs<T> a, bool vec_q, bool vec_k) {
+  const T* __restrict__ q = a.q;
+  const T* __restrict__ keys = a.keys;
+  const T* __restrict__ extra = a.extra;
+  const bool* __restrict__ mask = a.mask;
+  const int64_t q_sb = a.q_sb, q_sn = a.q_sn, k_s0 = a.k_s0, M = a.M, e_s0 = a.e_s0, E = a.E;
+  const int64_t m_sb = a.m_sb, m_sn = a.m_sn;
+  const int n = a.n, s = a.s;
+  const float* __restrict__ count = a.count;
+  float* __restrict__ out = a.out;
   namespace wmma = nvcuda::wmma;
   extern __shared__ __align__(128) unsigned char smem[];
   const int ld = mma_ld(s), sp = (s + 15) / 16 * 16;
@@ -253,34 +281,27 @@ retrieval_scores_mma_kernel(const T* __restrict__ q, int64_t q_sb, int64_t q_sn,
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// q: (B, n, s) with unit stride on s; keys (M, s), extra (E, s) likewise (extra may be null when
-// E == 0); mask (B, n) bool or null; count (B): unmasked queries per row; out (B, M + E) float32,
-// contiguous. B <= 65535.
+// B <= 65535 rows (the grid's y).
 template <typename T>
-inline cudaError_t launch_retrieval_scores(const T* q, int64_t q_sb, int64_t q_sn, int B, int n, int s,
-                                           const T* keys, int64_t k_s0, int64_t M, const T* extra, int64_t e_s0,
-                                           int64_t E, const bool* mask, int64_t m_sb, int64_t m_sn,
-                                           const float* count, float* out, cudaStream_t stream) {
-  const int64_t total = M + E;
+inline cudaError_t launch_retrieval_scores(const ScoreArgs<T>& a, int B, cudaStream_t stream) {
+  const int64_t total = a.M + a.E;
   if (B == 0 || total == 0) return cudaSuccess;
   if constexpr (!std::is_same_v<T, float>) {
-    if (s >= 1 && s <= kMmaMaxS) {
-      const bool vec_q = s % 8 == 0 && q_sn % 8 == 0 && q_sb % 8 == 0 && aligned16(q);
-      const bool vec_k = s % 8 == 0 && k_s0 % 8 == 0 && aligned16(keys) &&
-                         (E == 0 || (e_s0 % 8 == 0 && aligned16(extra)));
-      const int64_t smem = mma_smem_bytes(s);
+    if (a.s >= 1 && a.s <= kMmaMaxS) {
+      const bool vec_q = a.s % 8 == 0 && a.q_sn % 8 == 0 && a.q_sb % 8 == 0 && aligned16(a.q);
+      const bool vec_k = a.s % 8 == 0 && a.k_s0 % 8 == 0 && aligned16(a.keys) &&
+                         (a.E == 0 || (a.e_s0 % 8 == 0 && aligned16(a.extra)));
+      const int64_t smem = mma_smem_bytes(a.s);
       auto kernel = retrieval_scores_mma_kernel<T>;
       cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       if (err != cudaSuccess) return err;
       dim3 grid(unsigned((total + kMmaKeys - 1) / kMmaKeys), unsigned(B));
-      kernel<<<grid, kMmaThreads, size_t(smem), stream>>>(q, q_sb, q_sn, n, s, keys, k_s0, M, extra, e_s0, E, mask,
-                                                          m_sb, m_sn, count, out, vec_q, vec_k);
+      kernel<<<grid, kMmaThreads, size_t(smem), stream>>>(a, vec_q, vec_k);
       return cudaGetLastError();
     }
   }
   dim3 grid(unsigned((total + kTileKeys - 1) / kTileKeys), unsigned(B));
-  retrieval_scores_kernel<T><<<grid, kThreads, 0, stream>>>(q, q_sb, q_sn, n, s, keys, k_s0, M, extra, e_s0, E,
-                                                             mask, m_sb, m_sn, count, out);
+  retrieval_scores_kernel<T><<<grid, kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -30,14 +30,28 @@ at::Tensor unit_last(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-
 template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& extra, const at::Tensor& mask,
             const at::Tensor& count, at::Tensor& scores) {
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const T* ep = extra.defined() ? reinterpret_cast<const T*>(extra.data_ptr()) : nullptr;
-  auto err = retrieval_kernels::launch_retrieval_scores<T>(
-      reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1), int(q.size(0)), int(q.size(1)),
-      int(q.size(2)), reinterpret_cast<const T*>(keys.data_ptr()), keys.stride(0), keys.size(0), ep,
-      extra.defined() ? extra.stride(0) : 0, extra.defined() ? extra.size(0) : 0,
-      mask.defined() ? mask.data_ptr<bool>() : nullptr, mask.defined() ? mask.stride(0) : 0,
-      mask.defined() ? mask.stride(1) : 0, count.data_ptr<float>(), scores.data_ptr<float>(), stream);
+  retrieval_kernels::ScoreArgs<T> a{};
+  a.q = reinterpret_cast<const T*>(q.data_ptr());
+  a.q_sb = q.stride(0);
+  a.q_sn = q.stride(1);
+  a.n = int(q.size(1));
+  a.s = int(q.size(2));
+  a.keys = reinterpret_cast<const T*>(keys.data_ptr());
+  a.k_s0 = keys.stride(0);
+  a.M = keys.size(0);
+  if (extra.defined()) {
+    a.extra = reinterpret_cast<const T*>(extra.data_ptr());
+    a.e_s0 = extra.stride(0);
+    a.E = extra.size(0);
+  }
+  if (mask.defined()) {
+    a.mask = mask.data_ptr<bool>();
+    a.m_sb = mask.stride(0);
+    a.m_sn = mask.stride(1);
+  }
+  a.count = count.data_ptr<float>();
+  a.out = scores.data_ptr<float>();
+  auto err = retrieval_kernels::launch_retrieval_scores<T>(a, int(q.size(0)), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "retrieval_topk: kernel launch failed: ", cudaGetErrorString(err));
 }
 }  // namespace
