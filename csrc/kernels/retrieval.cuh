@@ -92,55 +92,46 @@ constexpr int kTileKeys = 64, kTileQueries = 64, kTileS = 32, kThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 retrieval_scores_kernel(const ScoreArgs<T> a) {
-  const T* __restrict__ q = a.q;
-  const T* __restrict__ keys = a.keys;
-  const T* __restrict__ extra = a.extra;
-  const bool* __restrict__ mask = a.mask;
-  const int64_t q_sb = a.q_sb, q_sn = a.q_sn, k_s0 = a.k_s0, M = a.M, e_s0 = a.e_s0, E = a.E;
-  const int64_t m_sb = a.m_sb, m_sn = a.m_sn;
-  const int n = a.n, s = a.s;
-  const float* __restrict__ count = a.count;
-  float* __restrict__ out = a.out;
   __shared__ float qs[kTileS][kTileQueries + 1];  // transposed tiles, padded against bank conflicts
   __shared__ float ks[kTileS][kTileKeys + 1];
   __shared__ float wq[kTileQueries];
   __shared__ float red[kThreads / 16][kTileKeys];
   const int b = blockIdx.y;
-  const int64_t total = M + E, j0 = int64_t(blockIdx.x) * kTileKeys;
+  const int64_t total = a.M + a.E, j0 = int64_t(blockIdx.x) * kTileKeys;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float colsum[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int i0 = 0; i0 < n; i0 += kTileQueries) {
+  for (int i0 = 0; i0 < a.n; i0 += kTileQueries) {
     if (threadIdx.x < kTileQueries) {
       const int i = i0 + threadIdx.x;
       float w = 0.f;
-      if (i < n) w = mask == nullptr ? 1.f : (mask[b * m_sb + i * m_sn] ? 1.f : 0.f);
+      if (i < a.n) w = a.mask == nullptr ? 1.f : (a.mask[b * a.m_sb + i * a.m_sn] ? 1.f : 0.f);
       wq[threadIdx.x] = w;
     }
     float acc[4][4] = {};
-    for (int c0 = 0; c0 < s; c0 += kTileS) {
+    for (int c0 = 0; c0 < a.s; c0 += kTileS) {
       for (int e = threadIdx.x; e < kTileQueries * kTileS; e += kThreads) {
         const int r = e / kTileS, c = e % kTileS, i = i0 + r, cc = c0 + c;
-        qs[c][r] = (i < n && cc < s) ? to_float(q[b * q_sb + int64_t(i) * q_sn + cc]) : 0.f;
+        qs[c][r] = (i < a.n && cc < a.s) ? to_float(a.q[b * a.q_sb + int64_t(i) * a.q_sn + cc]) : 0.f;
       }
       for (int e = threadIdx.x; e < kTileKeys * kTileS; e += kThreads) {
         const int r = e / kTileS, c = e % kTileS, cc = c0 + c;
         const int64_t j = j0 + r;
-        const T* row = j < M ? keys + j * k_s0 : (j < total ? extra + (j - M) * e_s0 : nullptr);
-        ks[c][r] = (row != nullptr && cc < s) ? to_float(row[cc]) : 0.f;
+        const T* row = j < a.M ? a.keys + j * a.k_s0 : (j < total ? a.extra + (j - a.M) * a.e_s0 : nullptr);
+        ks[c][r] = (row != nullptr && cc < a.s) ? to_float(row[cc]) : 0.f;
       }
       __syncthreads();
 #pragma unroll
       for (int c = 0; c < kTileS; ++c) {
-        float a[4], k4[4];
+        float qv[4], k4[4];
 #pragma unroll
         for (int t = 0; t < 4; ++t) {
-          a[t] = qs[c][ty * 4 + t];
+          qv[t] = qs[c][ty * 4 + t];
           k4[t] = ks[c][tx * 4 + t];
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u)
 #pragma unroll
-          for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(a[u], k4[v], acc[u][v]);
+          for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(qv[u], k4[v], acc[u][v]);
       }
       __syncthreads();
     }
@@ -160,7 +151,7 @@ retrieval_scores_kernel(const ScoreArgs<T> a) {
 #pragma unroll
     for (int t = 0; t < kThreads / 16; ++t) sum += red[t][threadIdx.x];
     const int64_t j = j0 + threadIdx.x;
-    if (j < total) out[b * total + j] = score_mean<T>(sum, count[b]);
+    if (j < total) a.out[b * total + j] = score_mean<T>(sum, a.count[b]);
   }
 }
 
@@ -204,42 +195,33 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, int rows, int s, bool 
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads)
 retrieval_scores_mma_kernel(const ScoreArgs<T> a, bool vec_q, bool vec_k) {
-  const T* __restrict__ q = a.q;
-  const T* __restrict__ keys = a.keys;
-  const T* __restrict__ extra = a.extra;
-  const bool* __restrict__ mask = a.mask;
-  const int64_t q_sb = a.q_sb, q_sn = a.q_sn, k_s0 = a.k_s0, M = a.M, e_s0 = a.e_s0, E = a.E;
-  const int64_t m_sb = a.m_sb, m_sn = a.m_sn;
-  const int n = a.n, s = a.s;
-  const float* __restrict__ count = a.count;
-  float* __restrict__ out = a.out;
   namespace wmma = nvcuda::wmma;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int ld = mma_ld(s), sp = (s + 15) / 16 * 16;
+  const int ld = mma_ld(a.s), sp = (a.s + 15) / 16 * 16;
   T* ks = reinterpret_cast<T*>(smem);                           // [kMmaKeys][ld]: the block's keys
   T* qs = ks + kMmaKeys * ld;                                   // [kMmaQueries][ld]: one query tile
   float* stage = reinterpret_cast<float*>(qs + kMmaQueries * ld);  // [warps][32][kStageLd]
   float* wq = stage + kMmaWarps * 32 * kStageLd;                 // [kMmaQueries]: 1 = counted query
   const int b = blockIdx.y;
-  const int64_t total = M + E, j0 = int64_t(blockIdx.x) * kMmaKeys;
+  const int64_t total = a.M + a.E, j0 = int64_t(blockIdx.x) * kMmaKeys;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wr = warp / kMmaWarpCols, wc = warp % kMmaWarpCols;  // queries wr*32.., keys wc*32..
   float* st = stage + warp * 32 * kStageLd;
 
-  load_tile<T>(ks, ld, kMmaKeys, s, vec_k, [&](int r) -> const T* {
+  load_tile<T>(ks, ld, kMmaKeys, a.s, vec_k, [&](int r) -> const T* {
     const int64_t j = j0 + r;
-    return j < M ? keys + j * k_s0 : (j < total ? extra + (j - M) * e_s0 : nullptr);
+    return j < a.M ? a.keys + j * a.k_s0 : (j < total ? a.extra + (j - a.M) * a.e_s0 : nullptr);
   });
   float colsum = 0.f;  // this lane's key column (wc*32 + lane), over the warp's query rows
-  for (int i0 = 0; i0 < n; i0 += kMmaQueries) {
+  for (int i0 = 0; i0 < a.n; i0 += kMmaQueries) {
     __syncthreads();  // nobody reads the previous query tile any more (the first: keys are in)
-    load_tile<T>(qs, ld, kMmaQueries, s, vec_q, [&](int r) -> const T* {
+    load_tile<T>(qs, ld, kMmaQueries, a.s, vec_q, [&](int r) -> const T* {
       const int i = i0 + r;
-      return i < n ? q + b * q_sb + int64_t(i) * q_sn : nullptr;
+      return i < a.n ? a.q + b * a.q_sb + int64_t(i) * a.q_sn : nullptr;
     });
     if (threadIdx.x < kMmaQueries) {
       const int i = i0 + threadIdx.x;
-      wq[threadIdx.x] = (i < n && (mask == nullptr || mask[b * m_sb + int64_t(i) * m_sn])) ? 1.f : 0.f;
+      wq[threadIdx.x] = (i < a.n && (a.mask == nullptr || a.mask[b * a.m_sb + int64_t(i) * a.m_sn])) ? 1.f : 0.f;
     }
     __syncthreads();
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
@@ -248,16 +230,16 @@ retrieval_scores_mma_kernel(const ScoreArgs<T> a, bool vec_q, bool vec_k) {
 #pragma unroll
       for (int v = 0; v < 2; ++v) wmma::fill_fragment(acc[u][v], 0.f);
     for (int k0 = 0; k0 < sp; k0 += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qf[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk[2];  // B[k][j] = key_j[k]
 #pragma unroll
-      for (int u = 0; u < 2; ++u) wmma::load_matrix_sync(a[u], qs + (wr * 32 + 16 * u) * ld + k0, ld);
+      for (int u = 0; u < 2; ++u) wmma::load_matrix_sync(qf[u], qs + (wr * 32 + 16 * u) * ld + k0, ld);
 #pragma unroll
       for (int v = 0; v < 2; ++v) wmma::load_matrix_sync(bk[v], ks + (wc * 32 + 16 * v) * ld + k0, ld);
 #pragma unroll
       for (int u = 0; u < 2; ++u)
 #pragma unroll
-        for (int v = 0; v < 2; ++v) wmma::mma_sync(acc[u][v], a[u], bk[v], acc[u][v]);
+        for (int v = 0; v < 2; ++v) wmma::mma_sync(acc[u][v], qf[u], bk[v], acc[u][v]);
     }
 #pragma unroll
     for (int u = 0; u < 2; ++u)
@@ -275,7 +257,7 @@ retrieval_scores_mma_kernel(const ScoreArgs<T> a, bool vec_q, bool vec_k) {
   __syncthreads();
   if (threadIdx.x < kMmaKeys) {
     const int64_t j = j0 + threadIdx.x;
-    if (j < total) out[b * total + j] = score_mean<T>(red[threadIdx.x] + red[kMmaKeys + threadIdx.x], count[b]);
+    if (j < total) a.out[b * total + j] = score_mean<T>(red[threadIdx.x] + red[kMmaKeys + threadIdx.x], a.count[b]);
   }
 }
 
