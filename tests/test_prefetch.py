@@ -292,9 +292,12 @@ class FakeStream:
     def run_until(self, mark: int) -> None:
         with self.lock:
             while self.done < mark:
-                op = self.ops[self.done]
-                self.done += 1
-                op()
+                self.ops[self.done]()
+                self.done += 1  # only once the operation has finished
+
+    def reached(self, mark: int) -> bool:
+        with self.lock:  # not while an operation is half done
+            return self.done >= mark
 
 
 class FakeEvent:
@@ -306,7 +309,7 @@ class FakeEvent:
     def query(self) -> bool:
         if self.stream.rt.progress():
             self.stream.run_until(self.mark)
-        return self.stream.done >= self.mark
+        return self.stream.reached(self.mark)
 
     def synchronize(self) -> None:
         self.stream.run_until(self.mark)
