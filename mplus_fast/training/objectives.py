@@ -1,0 +1,138 @@
+"""The training objectives: answers read over the memory, text continued from it, and the
+retriever's binary cross-entropy; retriever recall@R.
+
+Rows of one read are left-padded like any batch of prompts (`MPlus` semantics). Each row has a
+prompt (the question, or the first words of a continuation) whose tokens alone choose the LTM
+rows (`query_mask`), as `generate`'s prefill does, and targets on the tokens to predict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mplus_fast import layers as F_
+
+IGNORE = -100
+
+
+@dataclass
+class ReadRow:
+    prompt: list[int]           # tokens that choose the retrieved rows (not predicted, except as continuation)
+    target: list[int]           # tokens predicted after the prompt (answer + eos, or the rest of a text)
+    source: int = -1            # injection id holding what the row needs (-1: none, no retriever loss)
+    predict_prompt: bool = False  # continuation rows also predict their prompt's tokens 2…k
+
+
+@dataclass
+class ReadBatch:
+    ids: torch.Tensor           # (B, n) int64, left-padded
+    valid: torch.Tensor         # (B, n) bool
+    query_mask: torch.Tensor    # (B, n) bool: prompt tokens
+    targets: torch.Tensor       # (B, n) int64: the token position i must predict next, or IGNORE
+    sources: torch.Tensor       # (B,) int64
+
+
+def make_batch(rows: list[ReadRow], pad_id: int) -> ReadBatch:
+    n = max(len(r.prompt) + len(r.target) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, n), pad_id, dtype=torch.int64)
+    valid = torch.zeros(B, n, dtype=torch.bool)
+    qmask = torch.zeros(B, n, dtype=torch.bool)
+    targets = torch.full((B, n), IGNORE, dtype=torch.int64)
+    for b, r in enumerate(rows):
+        seq = r.prompt + r.target
+        start = n - len(seq)
+        ids[b, start:] = torch.tensor(seq)
+        valid[b, start:] = True
+        qmask[b, start:start + len(r.prompt)] = True
+        # position i predicts token i + 1: the targets, and for continuations the prompt's own tail
+        first = 1 if r.predict_prompt else len(r.prompt)
+        for j in range(max(first, 1), len(seq)):
+            targets[b, start + j - 1] = seq[j]
+    return ReadBatch(ids, valid, qmask, targets, torch.tensor([r.source for r in rows], dtype=torch.int64))
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the predicted tokens of the chosen rows, and their count."""
+    if rows is not None:
+        logits, targets = logits[rows], targets[rows]
+    mask = targets != IGNORE
+    count = int(mask.sum())
+    if count == 0:
+        return logits.sum() * 0.0, 0
+    return F.cross_entropy(logits[mask], targets[mask], reduction="sum"), count
+
+
+@torch.no_grad()
+def answer_exact(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Per chosen row: whether every target token is the argmax (teacher-forced exact match)."""
+    pred = logits[rows].argmax(-1)
+    tgt = targets[rows]
+    ok = (pred == tgt) | (tgt == IGNORE)
+    return ok.all(dim=1)
+
+
+def bce(scores: torch.Tensor, labels: torch.Tensor, negative_weight: float) -> torch.Tensor:
+    """The authors' selector loss: mean −log s over positives and mean −log(1 − s) over
+    negatives, combined as (pos + w·neg) / (1 + w), so the few positives weigh as much as the
+    many negatives."""
+    eps = 1e-5
+    pos, neg = scores[labels], scores[~labels]
+    loss_pos = -(pos + eps).log().mean() if pos.numel() else scores.sum() * 0.0
+    loss_neg = -(1 - neg + eps).log().mean() if neg.numel() else scores.sum() * 0.0
+    return (loss_pos + negative_weight * loss_neg) / (1 + negative_weight)
+
+
+def retriever_loss(tm, layer_inputs: dict[int, torch.Tensor], batch: ReadBatch, negative_weight: float = 1.0):
+    """BCE of the retrieval scores over every row a read could retrieve ([LTM; pending]) against
+    provenance: positives are the rows written by the injection a question needs. Scores are
+    computed as at inference (mean over the prompt's tokens of sigmoid(f_q(x)·f_k(row))), with
+    the rows and the layer inputs detached, so the loss trains f_q and f_k only. Returns
+    (mean loss over (row, layer) pairs that have positives, their count)."""
+    c = tm.config
+    total, count = None, 0
+    asking = [b for b in range(batch.ids.shape[0]) if int(batch.sources[b]) >= 0]
+    if not asking or not c.is_mplus:
+        return None, 0
+    for l, layer in enumerate(tm.model.weights.layers):
+        rows, prov = tm.bank(l)
+        if rows.shape[0] == 0:
+            continue
+        keys = F_.selector(layer.selectors["key_proj"], F_.rms_norm(rows, layer.input_norm, c.rms_norm_eps), c.hidden_act)
+        x = layer_inputs[l].detach()
+        for b in asking:
+            labels = (prov == batch.sources[b]).to(keys.device)
+            if not bool(labels.any()):
+                continue
+            h = F_.rms_norm(x[b][batch.query_mask[b]], layer.input_norm, c.rms_norm_eps)
+            q = F_.selector(layer.selectors["query_proj"], h, c.hidden_act)
+            scores = torch.sigmoid(q @ keys.transpose(0, 1)).mean(0)
+            loss = bce(scores, labels, negative_weight)
+            total = loss if total is None else total + loss
+            count += 1
+    return (None, 0) if total is None else (total / count, count)
+
+
+@torch.no_grad()
+def retrieval_recall(tm, read_result, batch: ReadBatch) -> tuple[float, int]:
+    """recall@R: per (question row, layer) whose needed injection has rows in [LTM; pending], the
+    share of those rows the read retrieved (distinct rows). Returns (sum of recalls, count)."""
+    total, count = 0.0, 0
+    if not tm.config.is_mplus:
+        return 0.0, 0
+    for l, idx in enumerate(read_result.ltm_indices):
+        _, prov = tm.bank(l)
+        for b in range(batch.ids.shape[0]):
+            s = int(batch.sources[b])
+            if s < 0:
+                continue
+            positives = int((prov == s).sum())
+            if positives == 0:
+                continue
+            chosen = idx[b].unique() if idx.numel() else idx.new_empty(0)
+            hits = int((prov[chosen] == s).sum()) if chosen.numel() else 0
+            total += hits / positives
+            count += 1
+    return total, count
