@@ -1,4 +1,4 @@
-"""The `mplus-fast` command line: demo, inspect, generate, inject, bench.
+"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, train.
 
 Commands stay thin: they parse options, call the public API (`mplus_fast.load`, `MPlus`), and
 print with rich. User errors (missing checkpoint, bad ids, bad options) print one red line and
@@ -207,6 +207,26 @@ def bench(
     set_threads(threads)
     run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, device, parse_dtype(dtype),
               str(profile) if profile else None, backend)
+
+
+@app.command()
+@user_errors
+def train(
+    config: Path = typer.Argument(..., help="Training config (TOML): shared settings and one or more [[stage]]s."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: the config's `out`)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its newest checkpoint."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop each stage after this many steps (a resumable checkpoint is written)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar (the log is still written)."),
+):
+    """Train M+ (dual-LoRA memory write/read + retriever) by the stages of CONFIG; see docs/training.md."""
+    from mplus_fast.training import load_config
+    from mplus_fast.training import train as run_training
+    if max_steps is not None and max_steps < 1:
+        raise CLIError(f"--max-steps {max_steps} must be at least 1")
+    cfg = load_config(config)
+    folder = Path(out or cfg.out)
+    final = run_training(cfg, out=folder, resume=resume, max_steps=max_steps, show=not quiet)
+    console.print(f"checkpoint: {final}")
 
 
 if __name__ == "__main__":  # python -m mplus_fast.cli

@@ -98,7 +98,9 @@ class Stage:
     qa_weight: float = 1.0
     continuation_weight: float = 0.0  # language-model loss on the text that follows the last injection
     continuation_tokens: int = 24
-    continuation_prompt: int = 8      # tokens of the continuation that choose the retrieved rows
+    continuation_prompt: int = 8      # tokens of a continuation / repeat row that choose the retrieved rows
+    repeat_weight: float = 0.0        # loss on reading this step's contexts back from the memory
+    repeats: int = 1                  # contexts read back per step (the newest ones within reach)
     retriever_weight: float = 0.0     # BCE of the retrieval scores (0: the retriever is not trained)
     negative_weight: float = 1.0
 
@@ -113,7 +115,7 @@ class Stage:
         for name in ("lr", "retriever_lr"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("weight_decay", "warmup", "grad_clip", "recall_questions", "qa_weight", "continuation_weight",
-                     "retriever_weight", "negative_weight", "stm_only_max_distance"):
+                     "retriever_weight", "negative_weight", "stm_only_max_distance", "repeat_weight", "repeats"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         need(0 <= self.retrieve <= 1, "retrieve", "must be a share between 0 and 1")
         need(0 < self.min_lr_ratio <= 1, "min_lr_ratio", "must be in (0, 1]")
@@ -123,7 +125,7 @@ class Stage:
         if self.recall_questions:
             need(self.max_distance >= self.injections, "max_distance",
                  f"must be at least injections={self.injections} when recall_questions > 0")
-        need(self.qa_weight + self.continuation_weight + self.retriever_weight > 0, "qa_weight",
+        need(self.qa_weight + self.continuation_weight + self.retriever_weight + self.repeat_weight > 0, "qa_weight",
              "and the other loss weights are all zero: nothing to train")
 
 

@@ -139,9 +139,10 @@ class Ledger:
 
 
 def ask_row(ask: Ask, source: int) -> ReadRow:
-    return ReadRow(ask.prompt, ask.answer, source)
+    return ReadRow("qa", ask.prompt, ask.answer, source)
 
 
-def continuation_row(tokens: list[int], prompt_tokens: int) -> ReadRow:
+def text_row(kind: str, tokens: list[int], prompt_tokens: int, source: int = -1) -> ReadRow:
+    """A text to read on: its first `prompt_tokens` tokens choose the retrieved rows."""
     k = max(1, min(prompt_tokens, len(tokens) - 1))
-    return ReadRow(tokens[:k], tokens[k:], -1, predict_prompt=True)
+    return ReadRow(kind, tokens[:k], tokens[k:], source)

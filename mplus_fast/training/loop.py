@@ -35,7 +35,7 @@ from mplus_fast.config import MPlusConfig
 from mplus_fast.model import MPlus
 from mplus_fast.training import objectives as obj
 from mplus_fast.training.config import Stage, TrainConfig
-from mplus_fast.training.data import Ledger, ask_row, continuation_row
+from mplus_fast.training.data import Ledger, ask_row, text_row
 from mplus_fast.training.setup import Setup, build_model, prepare
 from mplus_fast.training.trainable import TARGETS, TrainableMPlus
 
@@ -142,11 +142,14 @@ class StageRun:
         for inj, ask in self.ledger.sample(rng, st.recall_questions, next_id, len(ep.injections), hi):
             rows.append(ask_row(ask, inj))
             distances.append(next_id - 1 - inj)
-        n_questions = len(rows)
-        if ep.continuation and st.continuation_weight:
-            rows.append(continuation_row(ep.continuation, st.continuation_prompt))
         for i, ask in ep.needed.items():
             self.ledger.add(written[i], ask)
+        if st.repeat_weight:
+            reach = len(ep.injections) if retrieve else min(len(ep.injections), st.stm_only_max_distance + 1)
+            for i in range(len(ep.injections) - 1, len(ep.injections) - 1 - min(st.repeats, reach), -1):
+                rows.append(text_row("repeat", ep.injections[i], st.continuation_prompt, written[i]))
+        if ep.continuation and st.continuation_weight:
+            rows.append(text_row("continuation", ep.continuation, st.continuation_prompt))
         if not rows:
             return tokens
         batch = obj.make_batch(rows, self.setup.pad_id)
@@ -155,19 +158,19 @@ class StageRun:
         res = tm.read(batch.ids, batch.valid, retrieve=retrieve, query_mask=batch.query_mask, observe=observe)
         tokens += int(batch.valid.sum())
         loss = res.logits.sum() * 0.0
-        qa = torch.arange(len(rows)) < n_questions
-        if n_questions:
-            s, n = obj.token_loss(res.logits, batch.targets, qa)
-            loss = loss + st.qa_weight * s / max(n, 1)
-            meter.add("qa_loss", float(s.detach()), n)
+        for kind, weight in (("qa", st.qa_weight), ("repeat", st.repeat_weight), ("continuation", st.continuation_weight)):
+            chosen = batch.of(kind)
+            if not weight or not bool(chosen.any()):
+                continue
+            s, n = obj.token_loss(res.logits, batch.targets, chosen)
+            loss = loss + weight * s / max(n, 1)
+            meter.add(f"{kind}_loss", float(s.detach()), n)
+        qa = batch.of("qa")
+        if bool(qa.any()):
             exact = obj.answer_exact(res.logits, batch.targets, qa)
             for d, ok in zip(distances, exact.tolist()):
                 meter.add("qa_acc", float(ok))
                 meter.add(f"qa_acc_{'stm' if not retrieve else 'ret'}_{bucket(d)}", float(ok))
-        if len(rows) > n_questions:
-            s, n = obj.token_loss(res.logits, batch.targets, ~qa)
-            loss = loss + st.continuation_weight * s / max(n, 1)
-            meter.add("lm_loss", float(s.detach()), n)
         if st.retriever_weight:
             bce, count = obj.retriever_loss(tm, inputs, batch, st.negative_weight)
             if bce is not None:
@@ -238,13 +241,13 @@ def run_stage(setup: Setup, index: int, model: MPlus, trainer: dict | None, max_
 
 
 def train(config: TrainConfig, out: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
-          log=None) -> Path:
+          show: bool = True) -> Path:
     """Run every stage of `config`; returns the final checkpoint folder. `resume` continues from
     the newest checkpoint in the run folder (a finished stage is not run again); `max_steps`
     stops each stage after that many steps (with a resumable checkpoint)."""
     from mplus_fast.training.progress import RunLog
     setup = prepare(config, out, resume)
-    log = log or RunLog(setup.out / "log.jsonl")
+    log = RunLog(setup.out / "log.jsonl", show=show)
     model = None
     for index, stage in enumerate(config.stages):
         stage_dir = setup.out / stage.name

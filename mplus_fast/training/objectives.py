@@ -17,12 +17,23 @@ from mplus_fast import layers as F_
 IGNORE = -100
 
 
+KINDS = ("qa", "repeat", "continuation")
+
+
 @dataclass
 class ReadRow:
-    prompt: list[int]           # tokens that choose the retrieved rows (not predicted, except as continuation)
-    target: list[int]           # tokens predicted after the prompt (answer + eos, or the rest of a text)
+    """One row of a read. `qa`: a question (prompt) and its answer + eos (target); `repeat`: an
+    injected context given its first words, the rest to be read back from the memory (the
+    authors' "repeat" task: it teaches reading from the memory); `continuation`: the text that
+    follows the last injection."""
+    kind: str
+    prompt: list[int]           # tokens that choose the retrieved rows
+    target: list[int]           # tokens predicted after the prompt
     source: int = -1            # injection id holding what the row needs (-1: none, no retriever loss)
-    predict_prompt: bool = False  # continuation rows also predict their prompt's tokens 2…k
+
+    @property
+    def predict_prompt(self) -> bool:   # texts also predict their prompt's tokens 2…k
+        return self.kind != "qa"
 
 
 @dataclass
@@ -32,6 +43,11 @@ class ReadBatch:
     query_mask: torch.Tensor    # (B, n) bool: prompt tokens
     targets: torch.Tensor       # (B, n) int64: the token position i must predict next, or IGNORE
     sources: torch.Tensor       # (B,) int64
+    kinds: list[str]
+
+    def of(self, kind: str) -> torch.Tensor:
+        """(B,) bool: the rows of one kind."""
+        return torch.tensor([k == kind for k in self.kinds], dtype=torch.bool)
 
 
 def make_batch(rows: list[ReadRow], pad_id: int) -> ReadBatch:
@@ -51,7 +67,8 @@ def make_batch(rows: list[ReadRow], pad_id: int) -> ReadBatch:
         first = 1 if r.predict_prompt else len(r.prompt)
         for j in range(max(first, 1), len(seq)):
             targets[b, start + j - 1] = seq[j]
-    return ReadBatch(ids, valid, qmask, targets, torch.tensor([r.source for r in rows], dtype=torch.int64))
+    return ReadBatch(ids, valid, qmask, targets, torch.tensor([r.source for r in rows], dtype=torch.int64),
+                     [r.kind for r in rows])
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -100,13 +117,14 @@ def retriever_loss(tm, layer_inputs: dict[int, torch.Tensor], batch: ReadBatch, 
         rows, prov = tm.bank(l)
         if rows.shape[0] == 0:
             continue
-        keys = F_.selector(layer.selectors["key_proj"], F_.rms_norm(rows, layer.input_norm, c.rms_norm_eps), c.hidden_act)
+        norm = layer.input_norm.detach()   # the layer's norm belongs to the backbone: not trained by this loss
+        keys = F_.selector(layer.selectors["key_proj"], F_.rms_norm(rows, norm, c.rms_norm_eps), c.hidden_act)
         x = layer_inputs[l].detach()
         for b in asking:
             labels = (prov == batch.sources[b]).to(keys.device)
             if not bool(labels.any()):
                 continue
-            h = F_.rms_norm(x[b][batch.query_mask[b]], layer.input_norm, c.rms_norm_eps)
+            h = F_.rms_norm(x[b][batch.query_mask[b]], norm, c.rms_norm_eps)
             q = F_.selector(layer.selectors["query_proj"], h, c.hidden_act)
             scores = torch.sigmoid(q @ keys.transpose(0, 1)).mean(0)
             loss = bce(scores, labels, negative_weight)
@@ -126,7 +144,7 @@ def retrieval_recall(tm, read_result, batch: ReadBatch) -> tuple[float, int]:
         _, prov = tm.bank(l)
         for b in range(batch.ids.shape[0]):
             s = int(batch.sources[b])
-            if s < 0:
+            if s < 0 or batch.kinds[b] != "qa":
                 continue
             positives = int((prov == s).sum())
             if positives == 0:
