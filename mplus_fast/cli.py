@@ -56,22 +56,35 @@ def _load(ckpt: Path, device: str, dtype: Optional[str], seed: int, backend: str
 @app.command()
 @user_errors
 def demo(
-    ckpt: Optional[Path] = typer.Option(None, help="A real M+ checkpoint. Default: a small RANDOM demo checkpoint (cached)."),
+    random_weights: bool = typer.Option(False, "--random", help="The machinery demo on a small RANDOM checkpoint (no language)."),
+    facts: int = typer.Option(12, help="Held-out facts the trained tiny model is asked about (default demo)."),
+    plot: Optional[Path] = typer.Option(None, help="Where the retention plot goes (default: the cache folder, demo-retention.png)."),
+    ckpt: Optional[Path] = typer.Option(None, help="A real M+ checkpoint (machinery demo). Default: the shipped tiny M+ (trained)."),
     tokenizer: Optional[str] = TOKENIZER,
-    chunks: int = typer.Option(200, help="Synthetic chunks of T tokens to inject (ignored with --tokenizer: the document is used)."),
+    chunks: int = typer.Option(200, help="--random / --ckpt: synthetic chunks of T tokens to inject (ignored with --tokenizer)."),
     doc: Optional[Path] = typer.Option(None, help="Text file to inject (with --ckpt and --tokenizer). Default: a built-in paragraph."),
     question: Optional[List[str]] = typer.Option(None, help="A question to ask after injection (repeatable; with --tokenizer)."),
-    new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt."),
+    new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt (--random / --ckpt)."),
     table_every: int = typer.Option(0, help="A memory-growth table row every K chunks (0: about 10 rows)."),
-    seed: int = typer.Option(0, help="Seeds the random demo checkpoint's weights, the synthetic text and the model's generator."),
+    seed: int = typer.Option(0, help="Seeds the facts and distractors (or the random checkpoint), and the model's generator."),
     device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
-    threads: int = _threads(1, "the demo model is tiny, one thread is fastest"),
+    threads: int = _threads(1, "the demo models are tiny, one thread is fastest"),
 ):
-    """Stream many chunks into the memory, watch STM/LTM grow and merge, then prompt and show recall, output, timings."""
-    from mplus_fast.demo import run_demo
+    """The trained tiny M+ recalls planted facts that the short-term memory alone has forgotten (STM-only vs M+
+    answers, provenance, retention plot). --random: the memory machinery on random weights; --ckpt: on any checkpoint."""
     set_threads(threads)
+    if not random_weights and ckpt is None:
+        if tokenizer or doc or question:
+            raise CLIError("--tokenizer/--doc/--question need --ckpt (the tiny model brings its own tokenizer)")
+        if facts < 1:
+            raise CLIError(f"--facts {facts} must be at least 1")
+        from mplus_fast.demo import cache_root
+        from mplus_fast.demo_recall import run_recall_demo
+        run_recall_demo(facts, seed, plot or cache_root() / "demo-retention.png", backend)
+        return
+    from mplus_fast.demo import run_demo
     if ckpt is None and (tokenizer or doc or question):
-        raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the default demo model is random)")
+        raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the random demo model is random)")
     run_demo(str(ckpt) if ckpt else None, tokenizer, chunks, seed, device, parse_dtype(dtype),
              str(doc) if doc else None, list(question or []), new_tokens, table_every, backend)
 

@@ -89,6 +89,7 @@ class Stage:
     warmup: int = 50
     min_lr_ratio: float = 0.1        # cosine decay to lr × this
     grad_clip: float = 1.0
+    accumulate: int = 8              # episodes per optimizer step (single-episode gradients are too noisy for Adam)
     injections: int = 4              # contexts written per step
     facts: int = 2                   # of which hold a fact asked about at the end of the step
     recall_questions: int = 0        # questions about facts of earlier steps…
@@ -101,6 +102,7 @@ class Stage:
     continuation_prompt: int = 8      # tokens of a continuation / repeat row that choose the retrieved rows
     repeat_weight: float = 0.0        # loss on reading this step's contexts back from the memory
     repeats: int = 1                  # contexts read back per step (the newest ones within reach)
+    distractors: str = "prose"        # "random": uniformly random tokens (only the memory predicts them)
     retriever_weight: float = 0.0     # BCE of the retrieval scores (0: the retriever is not trained)
     negative_weight: float = 1.0
 
@@ -109,7 +111,7 @@ class Stage:
             if not cond:
                 raise TrainConfigError(f"{where}.{name}={getattr(self, name)!r} {why}")
         need(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
-        for name in ("steps", "injections"):
+        for name in ("steps", "injections", "accumulate"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         need(0 <= self.facts <= self.injections, "facts", f"must be between 0 and injections={self.injections}")
         for name in ("lr", "retriever_lr"):
@@ -118,6 +120,7 @@ class Stage:
                      "retriever_weight", "negative_weight", "stm_only_max_distance", "repeat_weight", "repeats"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         need(0 <= self.retrieve <= 1, "retrieve", "must be a share between 0 and 1")
+        need(self.distractors in ("prose", "random"), "distractors", "must be \"prose\" or \"random\"")
         need(0 < self.min_lr_ratio <= 1, "min_lr_ratio", "must be in (0, 1]")
         need(self.continuation_tokens >= 2, "continuation_tokens", "must be at least 2")
         need(1 <= self.continuation_prompt < self.continuation_tokens, "continuation_prompt",

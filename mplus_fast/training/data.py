@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mplus_fast.qa import QARecord, read_jsonl
-from mplus_fast.training.facts import FactSource, draw_facts
+from mplus_fast.training.facts import ADJECTIVES, NAMES, OBJECTS, PLACES, FactSource, draw_facts
+
+LEXICON = NAMES + OBJECTS + ADJECTIVES + PLACES
 from mplus_fast.training.objectives import ReadRow
 from mplus_fast.training.vocab import Codec
 
@@ -56,24 +58,33 @@ class SyntheticFacts:
 
     def __init__(self, source: FactSource, codec: Codec):
         self.source, self.codec = source, codec
+        # random contexts draw from the tokens of the fact lexicon: what answers are made of
+        self.lexicon = sorted({i for w in LEXICON for i in codec.encode(" " + w)})
 
-    def episode(self, rng: random.Random, injections: int, facts: int, continuation_tokens: int) -> Episode:
+    def episode(self, rng: random.Random, injections: int, facts: int, continuation_tokens: int,
+                random_distractors: bool = False) -> Episode:
+        """`random_distractors`: distractors are random sequences of the fact lexicon's tokens,
+        which nothing but the memory can predict (a curriculum for reading back:
+        `Stage.distractors = "random"`)."""
         slots = fact_slots(rng, injections, facts)
         chosen = dict(zip(slots, draw_facts(rng, self.source.split, facts)))
-        texts, needed, follow = [], {}, None
+        inj, needed, follow = [], {}, None
         for i in range(injections):
             if i in chosen:
                 fact = chosen[i]
-                texts.append(self.source.fact_context(rng, fact))
+                inj.append(self.codec.encode(self.source.fact_context(rng, fact)))
                 needed[i] = Ask(self.codec.encode(fact.question), self.codec.encode(" " + fact.answer) + [self.codec.eos])
+                follow = None
+            elif random_distractors:
+                inj.append([rng.choice(self.lexicon) for _ in range(self.source.budget)])
                 follow = None
             else:
                 text, follow = self.source.distractor(rng)
-                texts.append(text)
+                inj.append(self.codec.encode(text))
         cont = None
         if continuation_tokens and follow:
             cont = self.codec.encode(" " + follow)[:continuation_tokens] or None
-        return Episode([self.codec.encode(t) for t in texts], needed, cont)
+        return Episode(inj, needed, cont)
 
 
 class RecordSource:
@@ -99,7 +110,10 @@ class RecordSource:
     def from_jsonl(cls, path: str | Path, codec: Codec, max_context_tokens: int) -> "RecordSource":
         return cls(list(read_jsonl(path)), codec, max_context_tokens, str(path))
 
-    def episode(self, rng: random.Random, injections: int, facts: int, continuation_tokens: int) -> Episode:
+    def episode(self, rng: random.Random, injections: int, facts: int, continuation_tokens: int,
+                random_distractors: bool = False) -> Episode:
+        if random_distractors:
+            raise ValueError("distractors = \"random\" is for the synthetic data (data.kind = \"synthetic\")")
         facts = min(facts, len(self.items))
         slots = fact_slots(rng, injections, facts)
         picked = dict(zip(slots, rng.sample(self.items, facts)))

@@ -138,11 +138,12 @@ class Prose:
         return words
 
     def fit(self, lead: str, words: list[str], budget: int) -> tuple[str, list[str]]:
-        """`lead` followed by as many of `words` as fit in `budget` tokens: (text, words left)."""
+        """`lead` followed by as many of `words` as fit in `budget` tokens: (text, words left).
+        A lead longer than the budget stays whole (one longer injection: all its tokens are read)."""
         lo, hi = 0, len(words)
         join = lambda k: " ".join(([lead] if lead else []) + words[:k])
-        if self.count(join(0) if lead else words[0]) > budget:
-            raise ValueError(f"the text {lead or words[0]!r} alone is over {budget} tokens")
+        if not lead and self.count(words[0]) > budget:   # a single very long word: a piece of it
+            lo, hi = 1, 1
         while lo < hi:  # the largest k whose text fits
             mid = (lo + hi + 1) // 2
             if self.count(join(mid)) <= budget:
@@ -183,3 +184,29 @@ class FactSource:
             for fact in draw_facts(rng, self.split, min(len(pool), n - len(out))):
                 out.append(self.record(rng, fact, n_distractors, f"{self.split}-{len(out):05d}"))
         return out
+
+
+def write_held_out(path, tokenizer_path, n: int = 1000, distractors: int = 64, seed: int = 0, budget: int | None = None):
+    """The held-out facts as a `mplus_fast.qa` JSONL file (each with its own `distractors`
+    passages, from the held-out part of the books), for `mplus-fast eval retention --data`."""
+    from pathlib import Path
+
+    from mplus_fast.config import MPlusConfig
+    from mplus_fast.corpus import load_books
+    from mplus_fast.qa import write_jsonl
+    from mplus_fast.training.vocab import Codec, load_tokenizer
+    folder = Path(tokenizer_path)
+    codec = Codec(load_tokenizer(folder))
+    if budget is None:
+        budget = MPlusConfig.from_file(folder / "config.json").num_tokens
+    source = FactSource(Prose(load_books(), codec.count, "held_out"), "held_out", budget)
+    return write_jsonl(path, source.records(seed, n, distractors))
+
+
+if __name__ == "__main__":  # python -m mplus_fast.training.facts OUT.jsonl MODEL_DIR [N] [DISTRACTORS]
+    import sys
+    args = sys.argv[1:]
+    if len(args) < 2:
+        raise SystemExit("usage: python -m mplus_fast.training.facts OUT.jsonl MODEL_DIR [N=1000] [DISTRACTORS=64]")
+    out = write_held_out(args[0], args[1], *(int(a) for a in args[2:4]))
+    print(f"wrote {out}")

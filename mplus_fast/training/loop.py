@@ -119,16 +119,34 @@ class StageRun:
 
     # ------------------------------------------------------------------ a step
     def one_step(self, meter: Meter) -> int:
-        """One optimisation step; returns the number of tokens processed."""
+        """One optimisation step over `accumulate` episodes; returns the number of tokens processed."""
+        self.opt.zero_grad(set_to_none=True)
+        tokens = 0
+        for _ in range(self.stage.accumulate):
+            loss, n = self.episode_loss(meter)
+            tokens += n
+            if loss is not None:
+                (loss / self.stage.accumulate).backward()
+                meter.add("loss", float(loss.detach()))
+        self.apply_gradients()
+        return tokens
+
+    def episode_loss(self, meter: Meter) -> tuple[torch.Tensor | None, int]:
+        """Write one episode and read its rows: (loss, tokens processed)."""
         st, tm, rng = self.stage, self.tm, self.rng
         tm.detach_memory()
-        ep = self.setup.source.episode(rng, st.injections, st.facts, st.continuation_tokens if st.continuation_weight else 0)
+        ep = self.setup.source.episode(rng, st.injections, st.facts, st.continuation_tokens if st.continuation_weight else 0,
+                                       random_distractors=st.distractors == "random")
         retrieve = rng.random() < st.retrieve
+        K = len(ep.injections)
+        reach = K if retrieve else min(K, st.stm_only_max_distance + 1)
+        repeated = list(range(K - 1, K - 1 - min(st.repeats, reach), -1)) if st.repeat_weight else []
+        with_graph = set(ep.needed) | set(repeated)    # contexts some row reads: written with gradient
         tokens = 0
         written = []
         for i, ids in enumerate(ep.injections):
             written.append(tm.next_injection_id())
-            delta = tm.inject(torch.tensor(ids, dtype=torch.int64), grad=i in ep.needed)
+            delta = tm.inject(torch.tensor(ids, dtype=torch.int64), grad=i in with_graph)
             tm.write(delta)
             tokens += len(ids)
         rows, distances = [], []
@@ -144,14 +162,12 @@ class StageRun:
             distances.append(next_id - 1 - inj)
         for i, ask in ep.needed.items():
             self.ledger.add(written[i], ask)
-        if st.repeat_weight:
-            reach = len(ep.injections) if retrieve else min(len(ep.injections), st.stm_only_max_distance + 1)
-            for i in range(len(ep.injections) - 1, len(ep.injections) - 1 - min(st.repeats, reach), -1):
-                rows.append(text_row("repeat", ep.injections[i], st.continuation_prompt, written[i]))
+        for i in repeated:
+            rows.append(text_row("repeat", ep.injections[i], st.continuation_prompt, written[i]))
         if ep.continuation and st.continuation_weight:
             rows.append(text_row("continuation", ep.continuation, st.continuation_prompt))
         if not rows:
-            return tokens
+            return None, tokens
         batch = obj.make_batch(rows, self.setup.pad_id)
         inputs: dict[int, torch.Tensor] = {}
         observe = (lambda l, x: inputs.__setitem__(l, x)) if st.retriever_weight else None
@@ -180,11 +196,7 @@ class StageRun:
             rec, count = obj.retrieval_recall(tm, res, batch)
             if count:
                 meter.add("recall", rec, count)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.apply_gradients()
-        meter.add("loss", float(loss.detach()))
-        return tokens
+        return loss, tokens
 
     def apply_gradients(self) -> None:
         masters = [m for ms in self.tm.masters.values() for m in ms.master]

@@ -92,45 +92,47 @@ def answer_exact(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor
 
 
 def bce(scores: torch.Tensor, labels: torch.Tensor, negative_weight: float) -> torch.Tensor:
-    """The authors' selector loss: mean −log s over positives and mean −log(1 − s) over
-    negatives, combined as (pos + w·neg) / (1 + w), so the few positives weigh as much as the
-    many negatives."""
+    """The authors' selector loss, per row of (B, M) scores: mean −log s over the positives and
+    mean −log(1 − s) over the negatives, combined as (pos + w·neg) / (1 + w), so the few
+    positives weigh as much as the many negatives. Returns (B,)."""
     eps = 1e-5
-    pos, neg = scores[labels], scores[~labels]
-    loss_pos = -(pos + eps).log().mean() if pos.numel() else scores.sum() * 0.0
-    loss_neg = -(1 - neg + eps).log().mean() if neg.numel() else scores.sum() * 0.0
+    pos, neg = labels.float(), (~labels).float()
+    loss_pos = (-(scores + eps).log() * pos).sum(1) / pos.sum(1).clamp_min(1)
+    loss_neg = (-(1 - scores + eps).log() * neg).sum(1) / neg.sum(1).clamp_min(1)
     return (loss_pos + negative_weight * loss_neg) / (1 + negative_weight)
 
 
 def retriever_loss(tm, layer_inputs: dict[int, torch.Tensor], batch: ReadBatch, negative_weight: float = 1.0):
     """BCE of the retrieval scores over every row a read could retrieve ([LTM; pending]) against
-    provenance: positives are the rows written by the injection a question needs. Scores are
-    computed as at inference (mean over the prompt's tokens of sigmoid(f_q(x)·f_k(row))), with
-    the rows and the layer inputs detached, so the loss trains f_q and f_k only. Returns
-    (mean loss over (row, layer) pairs that have positives, their count)."""
+    provenance: positives are the rows written by the injection a row needs. Scores are computed
+    as at inference (mean over the prompt's tokens of sigmoid(f_q(x)·f_k(row))), with the rows,
+    the layer inputs and the layer's norm detached, so the loss trains f_q and f_k only.
+    Returns (mean loss over the (row, layer) pairs that have positives, their count)."""
     c = tm.config
-    total, count = None, 0
-    asking = [b for b in range(batch.ids.shape[0]) if int(batch.sources[b]) >= 0]
-    if not asking or not c.is_mplus:
+    asking = batch.sources >= 0
+    if not bool(asking.any()) or not c.is_mplus:
         return None, 0
+    losses = []
+    qmask = batch.query_mask[asking].float()                       # (b, n)
     for l, layer in enumerate(tm.model.weights.layers):
         rows, prov = tm.bank(l)
         if rows.shape[0] == 0:
             continue
+        labels = prov[None, :] == batch.sources[asking][:, None]   # (b, M)
+        has = labels.any(1)
+        if not bool(has.any()):
+            continue
         norm = layer.input_norm.detach()   # the layer's norm belongs to the backbone: not trained by this loss
         keys = F_.selector(layer.selectors["key_proj"], F_.rms_norm(rows, norm, c.rms_norm_eps), c.hidden_act)
-        x = layer_inputs[l].detach()
-        for b in asking:
-            labels = (prov == batch.sources[b]).to(keys.device)
-            if not bool(labels.any()):
-                continue
-            h = F_.rms_norm(x[b][batch.query_mask[b]], norm, c.rms_norm_eps)
-            q = F_.selector(layer.selectors["query_proj"], h, c.hidden_act)
-            scores = torch.sigmoid(q @ keys.transpose(0, 1)).mean(0)
-            loss = bce(scores, labels, negative_weight)
-            total = loss if total is None else total + loss
-            count += 1
-    return (None, 0) if total is None else (total / count, count)
+        h = F_.rms_norm(layer_inputs[l].detach()[asking], norm, c.rms_norm_eps)
+        q = F_.selector(layer.selectors["query_proj"], h, c.hidden_act)          # (b, n, s)
+        sig = torch.sigmoid(q @ keys.transpose(0, 1))                             # (b, n, M)
+        scores = (sig * qmask[:, :, None]).sum(1) / qmask.sum(1, keepdim=True)    # (b, M)
+        losses.append(bce(scores[has], labels[has], negative_weight))
+    if not losses:
+        return None, 0
+    flat = torch.cat(losses)
+    return flat.mean(), flat.numel()
 
 
 @torch.no_grad()
