@@ -79,9 +79,13 @@ def demo(
         if facts < 1:
             raise CLIError(f"--facts {facts} must be at least 1")
         from mplus_fast.demo import cache_root
-        from mplus_fast.demo_recall import run_recall_demo
-        run_recall_demo(facts, seed, plot or cache_root() / "demo-retention.png", backend)
-        return
+        from mplus_fast.demo_recall import TINY_MODEL, run_recall_demo, tiny_model_ready
+        if tiny_model_ready():
+            run_recall_demo(facts, seed, plot or cache_root() / "demo-retention.png", backend)
+            return
+        console.print(f"[yellow]The trained tiny M+ is not shipped in this checkout ({TINY_MODEL}); train it with "
+                      "`mplus-fast train mplus_fast/training/configs/tiny-mplus.toml` (see docs/training.md). "
+                      "Running the random-weights machinery demo instead.[/]")
     from mplus_fast.demo import run_demo
     if ckpt is None and (tokenizer or doc or question):
         raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the random demo model is random)")

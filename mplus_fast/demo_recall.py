@@ -29,6 +29,10 @@ TINY_MODEL = Path(__file__).resolve().parent / "models" / "tiny-mplus"
 DISTANCES = (0, 4, 8, 16, 32, 64)
 
 
+def tiny_model_ready(model_dir: Path = TINY_MODEL) -> bool:
+    return all((model_dir / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
 @dataclass
 class Answer:
     text: str
@@ -92,7 +96,7 @@ def plot(curves: dict[str, list[float]], distances, path: Path) -> str:
 
 def run_recall_demo(facts: int, seed: int, plot_path: Path, backend: str = "fast", model_dir: Path = TINY_MODEL) -> dict:
     t0 = time.perf_counter()
-    if not (model_dir / "model.safetensors").is_file():
+    if not tiny_model_ready(model_dir):
         raise CLIError(f"the trained tiny model is missing ({model_dir}); train it with "
                        "`mplus-fast train mplus_fast/training/configs/tiny-mplus.toml`, or run `mplus-fast demo --random`")
     from mplus_fast.corpus import load_books
