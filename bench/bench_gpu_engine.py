@@ -6,7 +6,7 @@ No checkpoint is needed: `mplus_fast.testing.random_model` draws a released-size
 LTM tokens per layer (random K/V rows and retrieval keys; see docs/fast_engine.md). One model per
 placement at a time: both would not fit together. Every timed call ends with a CUDA
 synchronisation. `extra_info` holds the device, versions, geometry, the targets and whether each
-was met, and PERF.md's floors (../shared/PERF.md: ≈12 TFLOP per 512-token prefill; a decode
+was met, and the physical floors (docs/fast_engine.md: ≈12 TFLOP per 512-token prefill; a decode
 step reads ~15 GB of weights + ~1.7 GB of cached K/V).
 
     MPLUS_FAST_BENCH_SIZE=released pytest bench/bench_gpu_engine.py --benchmark-only \\

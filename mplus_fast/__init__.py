@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 
 def load(path, *, device="cpu", dtype=None, backend: str = "fast", seed: int | None = None,
-         age_mode: str = "inference", ltm_placement: str = "device") -> MPlus:
+         age_mode: str = "inference", ltm_placement: str = "device", tokenizer="auto") -> MPlus:
     """Load an M+ or MemoryLLM checkpoint (upstream layout, single-file or sharded safetensors).
 
     device: where weights and memory live ("cpu", "cuda", ...). dtype: compute dtype (default
@@ -28,9 +28,14 @@ def load(path, *, device="cpu", dtype=None, backend: str = "fast", seed: int | N
     ltm_placement (fast backend): "device" keeps the LTM bank's keys/values on `device`; "host" keeps
     them in CPU memory (pinned when `device` is a GPU) and prefetches the retrieved rows per layer,
     overlapped with the attention over [bos | STM | prompt].
+    tokenizer: "auto" loads the folder's tokenizer.json (when the `tokenizers` package is installed)
+    as `model.tokenizer`, for `model.complete` / `model.chat` / `model.inject_text`; None: none.
+    path may also be a Hugging Face hub id ("org/name"): it is resolved from the local hub cache,
+    or downloaded when `huggingface_hub` is installed and the machine is online (`mplus_fast.hf.hub`).
     """
-    return MPlus.from_pretrained(path, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
-                                 ltm_placement=ltm_placement)
+    from mplus_fast.hf.hub import resolve_checkpoint
+    return MPlus.from_pretrained(resolve_checkpoint(path), device=device, dtype=dtype, backend=backend, seed=seed,
+                                 age_mode=age_mode, ltm_placement=ltm_placement, tokenizer=tokenizer)
 
 
 __all__ = ["load", "MPlus", "MPlusOutput", "MPlusConfig", "ConfigError", "CheckpointError", "__version__"]

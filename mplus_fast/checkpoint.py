@@ -1,8 +1,11 @@
 """Checkpoint I/O in the upstream Hugging Face layout (SPEC §8).
 
-Reading: `config.json` + `model.safetensors` or a sharded `model.safetensors.index.json`; every
-tensor checked against the config (missing, unexpected, wrong shape → one CheckpointError naming
-it). Writing: the same layout, plus the extra state that lets a reload continue exactly
+Reading treats the folder as untrusted: `config.json` (every field checked, `mplus_fast.config`)
++ `model.safetensors` or a sharded `model.safetensors.index.json` (shards confined to the folder);
+the safetensors headers are checked against their files and the tensors' names, shapes and dtypes
+against the config before anything is allocated; values (finite, valid state, saved CRC-32) as
+they are read (`mplus_fast.checkpoint_checks`). Only safetensors is read: nothing is unpickled.
+Every failure is one CheckpointError or ConfigError naming the file, field or tensor. Writing: the same layout, plus the extra state that lets a reload continue exactly
 (pending buffer, ages, update step; provenance, generator and RoPE state under `mplus_fast.`),
 written as one crash-safe commit into the folder (`mplus_fast.atomic`): only the checkpoint's
 own files change, the user's other files stay, and a crash or a full disk leaves the previous
@@ -13,56 +16,125 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mplus_fast.atomic import commit_files, recover
-from mplus_fast.config import MPlusConfig
-from mplus_fast.weights import expected_weight_shapes
+from mplus_fast.checkpoint_checks import (CRC_KEY, OURS, CheckpointError, check_layout, check_state, check_tensors,
+                                          checksums, saved_checksums)
+from mplus_fast.config import TOKEN_ID_FIELDS, ConfigError, MPlusConfig, check_token_id_field
+from mplus_fast.safetensors_header import Header, HeaderError, TensorInfo, read_header
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-OURS = "mplus_fast."
+MAX_INDEX_BYTES = 64 * 2**20   # an index of 100,000 tensors is a few MB
 # Upstream memory-state names (per layer i where marked with {i}).
 LTM_KEYS = ("ltm.{i}", "ltm_keys.{i}", "ltm_ages.{i}", "ltm_recall_frequencies.{i}")
 PENDING_KEYS = ("cached_dropped_memories.{i}", "cached_dropped_keys.{i}", "cached_dropped_memory_ages.{i}")
 OPTIONAL_GLOBAL = ("update_step", "initialized")
+__all__ = ["CheckpointError", "NotACheckpointError", "load_checkpoint", "read_headers", "read_tensors", "write_checkpoint"]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config (the message names the tensor or file)."""
+# ---------------------------------------------------------------------- reading
+def _index(path: Path) -> dict[str, str]:
+    """The weight map of `path`'s index file: tensor name -> shard file name, each shard confined
+    to the folder (a relative path with no '..', so an index from elsewhere cannot reach out)."""
+    index_file = path / INDEX
+    size = index_file.stat().st_size
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{index_file}: {size:,} bytes is not an index file (at most {MAX_INDEX_BYTES:,} are read)")
+    try:
+        index = json.loads(index_file.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{index_file}: not valid JSON ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard file names")
+    if not weight_map:
+        raise CheckpointError(f"{index_file}: empty weight_map")
+    for shard in set(weight_map.values()):
+        parts = PurePosixPath(shard).parts
+        if (not parts or PurePosixPath(shard).is_absolute() or ".." in parts or "\\" in shard or ":" in shard
+                or not shard.endswith(".safetensors")):
+            raise CheckpointError(f"{index_file}: shard {shard!r} is not a .safetensors file inside the checkpoint "
+                                  "folder (absolute paths and '..' are refused)")
+    return weight_map
 
 
-def _files(path: Path) -> list[Path]:
+def _files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of the checkpoint in `path`, and the index's weight map (None: one file)."""
     if (path / INDEX).is_file():
-        index = json.loads((path / INDEX).read_text())
-        names = sorted(set(index.get("weight_map", {}).values()))
-        if not names:
-            raise CheckpointError(f"{path / INDEX}: empty weight_map")
+        weight_map = _index(path)
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{path}: shard file(s) listed in {INDEX} are missing: {missing}")
-        return [path / n for n in names]
+        return [path / n for n in names], weight_map
     if (path / SINGLE).is_file():
-        return [path / SINGLE]
+        return [path / SINGLE], None
     raise FileNotFoundError(f"{path}: no {SINGLE} or {INDEX} found")
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+def read_headers(path: str | Path) -> tuple[dict[str, TensorInfo], dict[Path, Header]]:
+    """Every tensor of the checkpoint folder `path`, as its header describes it (nothing is
+    loaded), with each file's header. Each header is checked against its file, and the index
+    against the shards; a tensor in two shards, or in another shard than the index says, is refused."""
+    path = Path(path)
+    files, weight_map = _files(path)
+    infos: dict[str, TensorInfo] = {}
+    headers: dict[Path, Header] = {}
+    for f in files:
+        try:
+            header = read_header(f)
+        except OSError as exc:
+            raise CheckpointError(f"{f}: cannot be read ({exc.strerror or exc})") from None
+        except HeaderError as exc:
+            raise CheckpointError(str(exc)) from None
+        headers[f] = header
+        for name, info in header.tensors.items():
+            if name in infos:
+                raise CheckpointError(f"{path}: tensor {name!r} appears in more than one shard "
+                                      f"({infos[name].file.name} and {f.name})")
+            if weight_map is not None and weight_map.get(name) != f.name:
+                where = f"in {weight_map[name]!r}" if name in weight_map else "nowhere"
+                raise CheckpointError(f"{f}: holds tensor {name!r}, which {INDEX} places {where}")
+            infos[name] = info
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(infos))
+        if absent:
+            raise CheckpointError(f"{path / INDEX}: names tensor(s) {absent[:5]} that no shard holds")
+    return infos, headers
+
+
+def read_tensors(path: str | Path, infos: dict[str, TensorInfo] | None = None,
+                 headers: dict[Path, Header] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint folder `path`, each checked as it is read (`check_tensors`:
+    finite floats, the CRC-32 it was saved with). Pass what `read_headers` returned to read no
+    header twice."""
+    if infos is None or headers is None:
+        infos, headers = read_headers(path)
     tensors: dict[str, torch.Tensor] = {}
-    for f in _files(Path(path)):
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                if name in tensors:
-                    raise CheckpointError(f"{path}: tensor {name!r} appears in more than one shard")
-                tensors[name] = handle.get_tensor(name)
+    files: dict[str, Path] = {}
+    crcs: dict[str, int] = {}
+    for f, header in headers.items():
+        crcs.update(saved_checksums(header))
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in header.tensors:
+                    tensors[name] = handle.get_tensor(name)
+                    files[name] = f
+        except (SafetensorError, OSError) as exc:  # the file changed under us, or the disk failed
+            raise CheckpointError(f"{f}: cannot be read ({exc})") from None
+    check_tensors(tensors, files, {k: v for k, v in crcs.items() if k in tensors})
     return tensors
 
 
 def load_checkpoint(path: str | Path) -> tuple[MPlusConfig, dict[str, torch.Tensor]]:
+    """config.json and every tensor of a checkpoint folder, checked: the config's fields, then the
+    tensors' names, shapes and dtypes from the headers (before any is read), then their values."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -70,57 +142,41 @@ def load_checkpoint(path: str | Path) -> tuple[MPlusConfig, dict[str, torch.Tens
         raise CheckpointError(f"{path} is not a directory (expected a Hugging Face style checkpoint folder)")
     recover(path)  # an interrupted save: complete it (or discard what it staged) before reading
     config = MPlusConfig.from_file(path / "config.json")
-    tensors = read_tensors(path)
-    validate_tensors(config, tensors)
+    infos, headers = read_headers(path)
+    check_layout(config, infos)
+    tensors = read_tensors(path, infos, headers)
+    check_state(config, tensors)
     return config, tensors
 
 
-def memory_shapes(config: MPlusConfig, t: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """Shapes the memory-state tensors of this checkpoint must have (LTM sizes read from `ltm.{i}`)."""
-    L, d, s = config.num_hidden_layers, config.hidden_size, config.selector_hidden_dim
-    shapes: dict[str, tuple[int, ...]] = {"memory": (L, config.stm_size, d)}
-    if not config.is_mplus:
-        return shapes
-    for i in range(L):
-        if f"ltm.{i}" not in t:
-            raise CheckpointError(f"checkpoint is missing tensor 'ltm.{i}' (M+ long-term memory of layer {i})")
-        n = t[f"ltm.{i}"].shape[0]
-        shapes.update({f"ltm.{i}": (n, d), f"ltm_keys.{i}": (n, s), f"ltm_ages.{i}": (n,), f"ltm_recall_frequencies.{i}": (n,)})
-    return shapes
+GENERATION_CONFIG = "generation_config.json"
 
 
-def optional_shapes(config: MPlusConfig, t: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    L, d, s, N = config.num_hidden_layers, config.hidden_size, config.selector_hidden_dim, config.stm_size
-    shapes: dict[str, tuple[int, ...]] = {"update_step": (), "initialized": ()}
-    for i in range(L):
-        shapes[f"memory_ages.{i}"] = (N,)
-        if config.is_mplus:
-            c = t[f"cached_dropped_memories.{i}"].shape[0] if f"cached_dropped_memories.{i}" in t else 0
-            shapes.update({f"cached_dropped_memories.{i}": (c, d), f"cached_dropped_keys.{i}": (c, s),
-                           f"cached_dropped_memory_ages.{i}": (c,)})
-    return shapes
+def read_generation_config(path: str | Path, config: MPlusConfig) -> dict | None:
+    """`generation_config.json` of the folder, if there is one, with the token ids generation
+    uses (eos, pad, bos) checked against the vocabulary; None when the folder has none."""
+    f = Path(path) / GENERATION_CONFIG
+    if not f.is_file():
+        return None
+    size = f.stat().st_size
+    if size > MAX_INDEX_BYTES:
+        raise ConfigError(f"{f}: {size:,} bytes is not a generation config")
+    try:
+        gen = json.loads(f.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"{f}: not valid JSON ({exc})") from None
+    if not isinstance(gen, dict):
+        raise ConfigError(f"{f}: must hold a JSON object, not {type(gen).__name__}")
+    for key in TOKEN_ID_FIELDS:
+        check_token_id_field(key, gen.get(key), config.vocab_size, where=str(f))
+    return gen
 
 
 def validate_tensors(config: MPlusConfig, t: dict[str, torch.Tensor]) -> None:
-    required = {**expected_weight_shapes(config), **memory_shapes(config, t)}
-    optional = optional_shapes(config, t)
-    missing = [k for k in required if k not in t]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"checkpoint is missing tensor(s) {missing[:5]}{more} required by its config.json")
-    for name, tensor in t.items():
-        if name.startswith(OURS):
-            continue
-        want = required.get(name, optional.get(name))
-        if want is None:
-            raise CheckpointError(f"checkpoint has unexpected tensor {name!r} {tuple(tensor.shape)} for a "
-                                  f"{config.architecture} config with {config.num_hidden_layers} layers")
-        if tuple(tensor.shape) != tuple(want):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(want)} from config.json")
-    if config.is_mplus:
-        pend = {t[f"cached_dropped_memories.{i}"].shape[0] if f"cached_dropped_memories.{i}" in t else 0 for i in range(config.num_hidden_layers)}
-        if len(pend) > 1:
-            raise CheckpointError(f"cached_dropped_memories.* have different lengths across layers: {sorted(pend)}")
+    """Tensors already in memory against a config: layout, values and state (as `load_checkpoint`)."""
+    check_layout(config, t)
+    check_tensors(t)
+    check_state(config, t)
 
 
 # ---------------------------------------------------------------------- writing
@@ -197,14 +253,18 @@ def write_checkpoint(path: str | Path, config: MPlusConfig, tensors: dict[str, t
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     shards = _shards(contiguous, max_shard_bytes)
     meta = {"format": "pt", "writer": "mplus_fast"}
+
+    def writer(shard):  # each file carries the CRC-32 of its tensors, checked at every load
+        return lambda p: save_file(shard, str(p), metadata={**meta, CRC_KEY: checksums(shard)})
+
     files: dict = {}
     if len(shards) == 1:
-        files[SINGLE] = lambda p, s=shards[0]: save_file(s, str(p), metadata=meta)
+        files[SINGLE] = writer(shards[0])
     else:
         weight_map = {}
         for j, shard in enumerate(shards):
             fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-            files[fname] = lambda p, s=shard: save_file(s, str(p), metadata=meta)
+            files[fname] = writer(shard)
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in contiguous.values())
         index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)

@@ -1,4 +1,4 @@
-"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, train.
+"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, serve, train.
 
 Commands stay thin: they parse options, call the public API (`mplus_fast.load`, `MPlus`), and
 print with rich. User errors (missing checkpoint, bad ids, bad options) print one red line and
@@ -23,7 +23,26 @@ from mplus_fast.cliutil import (CLIError, console, decode, encode, fmt_bytes, lo
 app = typer.Typer(help="mplus_fast: fast, faithful inference for M+ / MemoryLLM memory-augmented LLMs.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-DEVICE = typer.Option("cpu", help="Device for weights and memory: cpu, cuda, cuda:1, ...")
+
+def _print_version(value: bool):
+    if value:
+        console.print(f"mplus_fast {mplus_fast.__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """mplus_fast: fast, faithful inference for M+ / MemoryLLM memory-augmented LLMs."""
+
+
+def _device(name: str) -> str:
+    """"auto": the GPU when one is present (the model then defaults to bfloat16), else the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+DEVICE = typer.Option("auto", help="Device for weights and memory: auto (the GPU when one is present, else cpu), cpu, cuda, cuda:1, ...")
 DTYPE = typer.Option(None, help="Compute dtype: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).")
 SEED = typer.Option(0, help="Seeds the model's generator (memory drops, sampling) and synthetic data.")
 TOKENIZER = typer.Option(None, help="A tokenizer.json, or a folder holding one (needs the `tokenizers` package).")
@@ -50,7 +69,7 @@ BACKEND = typer.Option("fast", help="Backend: fast (cached K/V memory) or refere
 
 
 def _load(ckpt: Path, device: str, dtype: Optional[str], seed: int, backend: str):
-    return mplus_fast.load(ckpt, device=device, dtype=parse_dtype(dtype), seed=seed, backend=backend)
+    return mplus_fast.load(ckpt, device=_device(device), dtype=parse_dtype(dtype), seed=seed, backend=backend)
 
 
 @app.command()
@@ -89,7 +108,7 @@ def demo(
     from mplus_fast.demo import run_demo
     if ckpt is None and (tokenizer or doc or question):
         raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the random demo model is random)")
-    run_demo(str(ckpt) if ckpt else None, tokenizer, chunks, seed, device, parse_dtype(dtype),
+    run_demo(str(ckpt) if ckpt else None, tokenizer, chunks, seed, _device(device), parse_dtype(dtype),
              str(doc) if doc else None, list(question or []), new_tokens, table_every, backend)
 
 
@@ -153,15 +172,19 @@ def generate(
     temperature: float = typer.Option(1.0, help="Sampling temperature (with --sample)."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling threshold in (0, 1] (with --sample)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the k most likely tokens (with --sample)."),
+    eos: Optional[str] = typer.Option(None, help='End-of-sequence token id(s), e.g. "128001,128009" (default: the checkpoint\'s generation_config.json / config.json).'),
     seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
     threads: int = _threads(0, "torch's choice"),
 ):
     """Continue a prompt over the checkpoint's memory (the memory is read, not changed)."""
+    from mplus_fast.generation import check_options
     set_threads(threads)
+    check_options(max_new_tokens, sample, temperature, top_k, top_p)       # every option before the model loads
+    eos_ids = parse_ids(eos).tolist() if eos is not None else None
     x, tok = _input_ids(prompt, ids, tokenizer, "--prompt")
     model = _load(ckpt, device, dtype, seed, backend)
     out = model.generate(x.to(model.device)[None], max_new_tokens=max_new_tokens, do_sample=sample,
-                         temperature=temperature, top_p=top_p, top_k=top_k)
+                         temperature=temperature, top_p=top_p, top_k=top_k, eos_token_id=eos_ids)
     new = out[0, x.shape[0]:].tolist()
     if tok is not None:
         console.print(escape(decode(tok, new)))
@@ -178,14 +201,19 @@ def inject(
     chunk_tokens: int = typer.Option(0, help="Tokens per injection (0: the model's T = num_tokens); a tail under 16 tokens joins the last chunk."),
     out: Optional[Path] = typer.Option(None, help="Folder to save the updated checkpoint into (its other files are kept)."),
     in_place: bool = typer.Option(False, "--in-place", help="Save into CKPT itself (crash-safe; tokenizer and other files kept)."),
+    memory: Optional[Path] = typer.Option(None, help="A memory file (.safetensors): start from it when it exists, and save ONLY the memory there (the weights are not rewritten)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow --out to replace a config.json / weights that are not an M+ checkpoint's."),
     seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
     threads: int = _threads(0, "torch's choice"),
 ):
-    """Write a context into the memory (update_memory=True, chunk by chunk) and save the checkpoint."""
+    """Write a context into the memory (update_memory=True, chunk by chunk) and save the checkpoint (or only the memory)."""
     set_threads(threads)
-    if (out is None) == (not in_place):
-        raise CLIError("give exactly one of --out DIR or --in-place")
+    if sum([out is not None, in_place, memory is not None]) != 1:
+        raise CLIError("give exactly one of --out DIR, --in-place or --memory FILE")
+    if chunk_tokens < 0:
+        raise CLIError(f"--chunk-tokens {chunk_tokens} must be positive (or 0: the model's T)")
+    if memory is not None and memory.suffix != ".safetensors":
+        raise CLIError(f"--memory {memory}: a memory file's name ends in .safetensors")
     if text is not None and file is not None:
         raise CLIError("give only one of --text or --file")
     if file is not None:
@@ -194,14 +222,14 @@ def inject(
         text = file.read_text()
     x, _ = _input_ids(text, ids, tokenizer, "--text/--file")
     model = _load(ckpt, device, dtype, seed, backend)
-    if chunk_tokens < 0:
-        raise CLIError(f"--chunk-tokens {chunk_tokens} must be positive (or 0: the model's T)")
+    if memory is not None and memory.is_file():
+        model.load_memory(memory)
     merges = 0
     chunks = chunk_ids(x, chunk_tokens or model.config.num_tokens)   # no tiny tail chunk
     for chunk in chunks:
         model.inject_memory(chunk.to(model.device), update_memory=True)
         merges += bool(getattr(model.last_update, "merged", False))
-    target = model.save_pretrained(ckpt if in_place else out, overwrite=overwrite)
+    target = model.save_memory(memory) if memory is not None else model.save_pretrained(ckpt if in_place else out, overwrite=overwrite)
     s = model.memory_stats()
     ltm = s["ltm_tokens_per_layer"]
     console.print(f"injected {x.shape[0]} tokens in {len(chunks)} chunk(s); merges: {merges}; "
@@ -222,8 +250,37 @@ def bench(
     """Time inject, prefill and decode of one backend; optionally write a profiler trace."""
     from mplus_fast.quickbench import run_bench
     set_threads(threads)
-    run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, device, parse_dtype(dtype),
+    run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, _device(device), parse_dtype(dtype),
               str(profile) if profile else None, backend)
+
+
+@app.command()
+@user_errors
+def serve(
+    ckpt: str = typer.Argument(..., help="Checkpoint folder, or a Hugging Face hub id resolved from the local hub cache."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes the server)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where memories are kept (default: ~/.cache/mplus_fast/serve/<model fingerprint>)."),
+    api_key: Optional[str] = typer.Option(None, envvar="MPLUS_FAST_API_KEY", help="Require 'Authorization: Bearer KEY' (also from $MPLUS_FAST_API_KEY)."),
+    model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: the checkpoint folder's name)."),
+    tokenizer: Optional[str] = typer.Option(None, help="A tokenizer.json or folder (default: the checkpoint's own)."),
+    max_queue: int = typer.Option(16, help="Requests that may wait for the model; more are answered 429."),
+    max_tokens: int = typer.Option(2048, help="The largest max_tokens a request may ask for."),
+    max_prompt_tokens: int = typer.Option(8192, help="The longest prompt accepted, in tokens."),
+    max_body_mb: float = typer.Option(1.0, help="Largest JSON request body, MiB."),
+    max_inject_mb: float = typer.Option(32.0, help="Largest injection body, MiB."),
+    request_timeout: float = typer.Option(300.0, help="Seconds a request may compute before it is stopped (504)."),
+    queue_timeout: float = typer.Option(60.0, help="Seconds a request may wait in the queue (then 503)."),
+    seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
+    threads: int = _threads(0, "torch's choice"),
+):
+    """Serve the model over an OpenAI-compatible HTTP API, with persistent memories (docs/serving.md)."""
+    from mplus_fast.serve.cli import run_server
+    run_server(ckpt=ckpt, host=host, port=port, data_dir=data_dir, api_key=api_key, model_name=model_name,
+               tokenizer=tokenizer, max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
+               max_body_mb=max_body_mb, max_inject_mb=max_inject_mb, request_timeout=request_timeout,
+               queue_timeout=queue_timeout, seed=seed, device=_device(device), dtype=parse_dtype(dtype), backend=backend,
+               threads=threads)
 
 
 @app.command()

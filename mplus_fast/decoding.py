@@ -34,13 +34,18 @@ class StaticDecoder:
     """Decodes `max_new_tokens` from a prefill's cache and last logits (see module doc)."""
 
     def __init__(self, backend, cache: KVCache, inv_freq: torch.Tensor, *, max_new_tokens: int, do_sample: bool,
-                 temperature: float, top_k, top_p, eos: list[int], pad: int, generator: torch.Generator):
+                 temperature: float, top_k, top_p, eos: list[int], pad: int, generator: torch.Generator,
+                 on_step=None):
         dev = cache.next_pos.device
         B, V = cache.next_pos.shape[0], backend.cfg.vocab_size
         self.backend, self.cache, self.generator = backend, cache, generator
         self.max_new = max_new_tokens
         self.sampling = (do_sample, temperature, top_k, top_p)
         self.has_eos = bool(eos)
+        # A host callback after each step (streamers, stop strings): tokens (B,) → (B,) bool of
+        # sequences to finish now, or None. It reads the tokens back, so it costs a sync per step.
+        self.on_step = on_step
+        self.can_finish = self.has_eos or on_step is not None
         self.inv_freq = inv_freq.to(device=dev, dtype=torch.float32)
         # Everything a step reads or writes, at fixed addresses (a captured graph replays on them).
         self.eos = torch.tensor(eos or [-1], dtype=torch.int64, device=dev)
@@ -91,7 +96,13 @@ class StaticDecoder:
             self.noise.copy_(self.host_noise)            # stream-ordered after the running step
 
     def _all_finished(self) -> bool:
-        return self.has_eos and bool(self.finished.all())
+        return self.can_finish and bool(self.finished.all())
+
+    def _after_step(self, column: int) -> None:
+        if self.on_step is not None:
+            stop = self.on_step(self.out[:, column])
+            if stop is not None:
+                self.finished |= stop.to(self.finished.device)
 
     def run(self, first_logits: torch.Tensor) -> torch.Tensor:
         """Returns the new tokens (B, k), k ≤ max_new_tokens (fewer when every sequence ended).
@@ -99,15 +110,17 @@ class StaticDecoder:
         token when sampling, none after the step that finished every sequence."""
         self._draw_noise()
         self._choose(first_logits)
+        self._after_step(0)
         done = 1
         if done < self.max_new and not self._all_finished():
             self._draw_noise()
             while True:
                 self._step(self.max_new - done)
+                self._after_step(done)
                 done += 1
                 if done == self.max_new:
                     break
-                saved = self.generator.get_state() if self.noise is not None and self.has_eos else None
+                saved = self.generator.get_state() if self.noise is not None and self.can_finish else None
                 self._draw_noise()          # for the next step, overlapping the running one on a GPU
                 if self._all_finished():
                     if saved is not None:   # the reference would not have drawn it

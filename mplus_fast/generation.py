@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from mplus_fast.decoding import StaticDecoder
+from mplus_fast.hf.options import resolve as resolve_options
+from mplus_fast.hf.stopping import StopStrings
 from mplus_fast.sampling import next_tokens
 
 
@@ -50,29 +52,66 @@ def check_options(max_new_tokens, do_sample, temperature, top_k, top_p) -> None:
 
 
 @torch.inference_mode()
-def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int = 20, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id=None, pad_token_id: int | None = None, retrieve: bool = True) -> torch.Tensor:
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int | None = None, do_sample: bool | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id=None, pad_token_id: int | None = None, retrieve: bool = True, generation_config=None,
+             streamer=None, stop_strings=None, tokenizer=None) -> torch.Tensor:
     """Returns (B, n + generated) token ids: the prompt followed by the new tokens.
-    `retrieve=False`: the prompt reads the short-term memory only (see `MPlus.forward`)."""
-    check_options(max_new_tokens, do_sample, temperature, top_k, top_p)
+    `retrieve=False`: the prompt reads the short-term memory only (see `MPlus.forward`).
+    Options resolve as in Hugging Face: the checkpoint's generation_config.json, then
+    `generation_config` (a transformers GenerationConfig or a dict), then these keyword arguments
+    (`mplus_fast.hf.options`). `streamer`: an object with `put(ids)` / `end()` (ours in
+    `mplus_fast.hf.streamers`, or transformers'). `stop_strings` end a sequence once its new
+    text contains one (needs `tokenizer`, default the model's)."""
     if not isinstance(retrieve, bool):
         raise TypeError(f"retrieve={retrieve!r} must be True or False")
     ids = model._check_ids(input_ids, "input_ids")
     valid = model._check_mask(attention_mask, ids)
-    eos = resolve_eos(model, eos_token_id)
-    pad = resolve_pad(model, pad_token_id, eos)
-    if max_new_tokens == 0:
-        return ids
-    res = model.backend.read(ids, valid, cache_extra=max_new_tokens, last_only=True, retrieve=retrieve)
-    if use_static_decoder(model, res.cache, max_new_tokens):
+    o = resolve_options(model.generation_config, generation_config, dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_strings=stop_strings), ids.shape[1])
+    check_options(o.max_new_tokens, o.do_sample, o.temperature, o.top_k, o.top_p)
+    eos = resolve_eos(model, o.eos_token_id)
+    pad = resolve_pad(model, o.pad_token_id, eos)
+    if streamer is not None and ids.shape[0] != 1:
+        raise ValueError(f"streamer: streaming supports a batch of one sequence, got {ids.shape[0]}")
+    stops = StopStrings(tokenizer or getattr(model, "tokenizer", None), o.stop_strings, ids.shape[0]) if o.stop_strings else None
+    on_step = step_hook(streamer, stops)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    try:
+        new = _generate_new(model, ids, valid, o, eos, pad, retrieve, on_step)
+    finally:
+        if streamer is not None:
+            streamer.end()
+    return torch.cat([ids, new], dim=1)
+
+
+def _generate_new(model, ids, valid, o, eos, pad, retrieve, on_step) -> torch.Tensor:
+    if o.max_new_tokens == 0:
+        return ids[:, :0]
+    res = model.backend.read(ids, valid, cache_extra=o.max_new_tokens, last_only=True, retrieve=retrieve)
+    if use_static_decoder(model, res.cache, o.max_new_tokens):
         inv_freq = model.rope.inv_freq_for(int(res.cache.next_pos.max()))
-        decoder = StaticDecoder(model.backend, res.cache, inv_freq, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                temperature=temperature, top_k=top_k, top_p=top_p, eos=eos, pad=pad,
-                                generator=model.generator)
-        return torch.cat([ids, decoder.run(res.logits[:, -1])], dim=1)
-    return torch.cat([ids, step_loop(model, res.cache, res.logits[:, -1], max_new_tokens, do_sample, temperature,
-                                     top_k, top_p, eos, pad)], dim=1)
+        decoder = StaticDecoder(model.backend, res.cache, inv_freq, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
+                                temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, eos=eos, pad=pad,
+                                generator=model.generator, on_step=on_step)
+        return decoder.run(res.logits[:, -1])
+    return step_loop(model, res.cache, res.logits[:, -1], o.max_new_tokens, o.do_sample, o.temperature,
+                     o.top_k, o.top_p, eos, pad, on_step)
+
+
+def step_hook(streamer, stops):
+    """One per-step callback for the decoders: tokens (B,) → (B,) bool to finish now, or None."""
+    if streamer is None and stops is None:
+        return None
+
+    def on_step(tokens: torch.Tensor):
+        tokens = tokens.cpu()
+        if streamer is not None:
+            streamer.put(tokens)
+        return stops(tokens) if stops is not None else None
+    return on_step
 
 
 def use_static_decoder(model, cache, max_new_tokens: int) -> bool:
@@ -83,7 +122,7 @@ def use_static_decoder(model, cache, max_new_tokens: int) -> bool:
     return model.rope.fixed_over(first, first + max_new_tokens - 2)
 
 
-def step_loop(model, cache, logits, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad) -> torch.Tensor:
+def step_loop(model, cache, logits, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad, on_step=None) -> torch.Tensor:
     """The plain loop: choose on the host, one `decode_step` per token. Returns (B, k) new ids."""
     B, dev = logits.shape[0], logits.device
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
@@ -95,8 +134,11 @@ def step_loop(model, cache, logits, max_new_tokens, do_sample, temperature, top_
         out.append(tok[:, None])
         if eos:
             finished = finished | torch.isin(tok, eos_t)
-            if bool(finished.all()):
-                break
+        stop = on_step(tok) if on_step is not None else None
+        if stop is not None:
+            finished = finished | stop.to(dev)
+        if (eos or stop is not None) and bool(finished.all()):
+            break
         if step + 1 < max_new_tokens:
             logits = model.backend.decode_step(cache, tok)
     return torch.cat(out, dim=1)

@@ -8,12 +8,13 @@ drops, sampling) is drawn, so a seeded run is reproducible and survives save →
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mplus_fast.checkpoint import OURS, load_checkpoint, write_checkpoint
+from mplus_fast.checkpoint import OURS, load_checkpoint, read_generation_config, write_checkpoint
 from mplus_fast.config import MPlusConfig
 from mplus_fast.backends import BACKENDS, make_backend
 LTM_PLACEMENTS = ("device", "host")
@@ -45,6 +46,26 @@ def resolve_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _folder_tokenizer(path, tokenizer):
+    """`tokenizer="auto"`: the checkpoint folder's tokenizer when it has one and the `tokenizers`
+    package is installed (one that cannot be read is reported as a warning: the weights and the
+    memory still load); None: no tokenizer; anything else is used as given."""
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        from mplus_fast.hf.tokenizer import TOKENIZER_FILE, TokenizerError, load_tokenizer
+        if not (Path(path) / TOKENIZER_FILE).is_file():
+            return None
+        try:
+            import tokenizers  # noqa: F401
+        except ImportError:
+            return None
+        try:
+            return load_tokenizer(path)
+        except TokenizerError as exc:
+            warnings.warn(f"the checkpoint's tokenizer was not loaded: {exc}", stacklevel=3)
+            return None
+    return tokenizer
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -90,16 +111,21 @@ class MPlus:
         self.backend_name = backend
         self.last_update: UpdateRecord | None = None
         self.backend = make_backend(backend, self, state)
+        self.source: Path | None = None     # the checkpoint folder (from_pretrained), for reset()
+        self.tokenizer = None               # a mplus_fast.hf.TextTokenizer (from_pretrained finds the folder's)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=None, backend: str = "fast",
-                        seed: int | None = None, age_mode: str = "inference", ltm_placement: str = "device") -> "MPlus":
+                        seed: int | None = None, age_mode: str = "inference", ltm_placement: str = "device",
+                        tokenizer="auto") -> "MPlus":
         config, tensors = load_checkpoint(path)
-        gen_path = Path(path) / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
-        return cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
-                   generation_config=gen, ltm_placement=ltm_placement)
+        gen = read_generation_config(path, config)
+        model = cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
+                    generation_config=gen, ltm_placement=ltm_placement)
+        model.source = Path(path)
+        model.tokenizer = _folder_tokenizer(path, tokenizer)
+        return model
 
     def _state_from_tensors(self, t: dict[str, torch.Tensor]) -> MemoryState:
         c, dev, dt = self.config, self.device, self.dtype
@@ -221,6 +247,50 @@ class MPlus:
         `mplus_fast.generation.generate` for the options."""
         from mplus_fast.generation import generate
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ text (mplus_fast.text)
+    def complete(self, prompt: str, **kwargs):
+        """Text in, text out: a `mplus_fast.text.Completion` (.text, .token_ids, .finish_reason).
+        Takes `generate`'s options (max_new_tokens, do_sample, stop_strings, streamer, ...)."""
+        from mplus_fast.text import complete
+        return complete(self, prompt, **kwargs)
+
+    def chat(self, messages: list[dict], **kwargs):
+        """A reply to `messages` ([{"role": ..., "content": ...}]) with the chat template."""
+        from mplus_fast.text import chat
+        return chat(self, messages, **kwargs)
+
+    def inject_text(self, text: str, chunk_tokens: int | None = None) -> list[int]:
+        """Write a document into the memory in chunks of about T tokens (no tiny tail); returns
+        the injection id of each chunk."""
+        from mplus_fast.text import inject_text
+        return inject_text(self, text, chunk_tokens=chunk_tokens)
+
+    # ------------------------------------------------------------------ memories (mplus_fast.memories)
+    def snapshot(self):
+        """A `Memory` copy of the current memory (CPU), to restore later or save."""
+        from mplus_fast.memories import snapshot
+        return snapshot(self)
+
+    def restore(self, memory) -> None:
+        """Make `memory` (from snapshot/load) the model's memory; the weights stay loaded."""
+        from mplus_fast.memories import restore
+        restore(self, memory)
+
+    def reset(self) -> None:
+        """Back to the memory of the checkpoint this model was loaded from."""
+        from mplus_fast.memories import reset
+        reset(self)
+
+    def save_memory(self, path) -> Path:
+        """Write only the memory (a .safetensors file, or memory.safetensors in a folder), atomically."""
+        from mplus_fast.memories import write_memory
+        return write_memory(path, self.snapshot())
+
+    def load_memory(self, path) -> None:
+        """Read a memory saved by `save_memory` and make it the model's (refused if it belongs to another model)."""
+        from mplus_fast.memories import read_memory, restore
+        restore(self, read_memory(path))
 
     # ------------------------------------------------------------------ persistence
     def state_tensors(self) -> dict[str, torch.Tensor]:

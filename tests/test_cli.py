@@ -156,7 +156,7 @@ def test_inject_in_place(run, ckpt):
     (("generate", "{ckpt}", "--prompt", "hello"), "needs --tokenizer"),
     (("generate", "{ckpt}"), "exactly one of --prompt"),
     (("generate", "/definitely/not/here", "--ids", "1,2"), "not found"),
-    (("inject", "{ckpt}", "--ids", "1,2"), "exactly one of --out DIR or --in-place"),
+    (("inject", "{ckpt}", "--ids", "1,2"), "exactly one of --out DIR, --in-place or --memory FILE"),
     (("generate", "{ckpt}", "--ids", "1,2", "--dtype", "int8"), "--dtype"),
     (("generate", "{ckpt}", "--ids", "1,2", "--sample", "--temperature", "0"), "temperature"),
 ])
