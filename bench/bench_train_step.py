@@ -32,7 +32,7 @@ from mplus_fast.testing import RELEASED_MPLUS, random_tensors
 
 MEASURE = dict(architectures=["MPlus"], vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
                num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_tokens=64, num_blocks=10, num_ltm_blocks=2,
-               selector_hidden_dim=64, update_ltm_frequency=4, initial_rf_when_moving_stm_to_ltm=4, ltm_initial_size=256,
+               selector_hidden_dim=64, num_selector_layers=2, update_ltm_frequency=4, initial_rf_when_moving_stm_to_ltm=4, ltm_initial_size=256,
                lora_config={"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]})
 TINY = {**MEASURE, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "num_tokens": 8, "ltm_initial_size": 32, "selector_hidden_dim": 16}

@@ -62,7 +62,7 @@ def model_geometry(cfg: TrainConfig, codec: Codec) -> MPlusConfig:
     try:
         return MPlusConfig.from_dict(raw)
     except ValueError as exc:
-        raise TrainConfigError(f"{cfg.source}: model.config: {exc}") from None
+        raise TrainConfigError(f"{cfg.source or 'config'}: model.config: {exc}") from None
 
 
 def _run_folder(cfg: TrainConfig, out, resume: bool) -> Path:

@@ -36,6 +36,7 @@ num_ltm_blocks = 1
 update_ltm_frequency = 2
 initial_rf_when_moving_stm_to_ltm = 4
 selector_hidden_dim = 8
+num_selector_layers = 2
 lora_config = {{ r = 2, lora_alpha = 4, target_modules = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"] }}
 
 [tokenizer]

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import mplus_fast
-from mplus_fast.demo_recall import TINY_MODEL
+from mplus_fast.demo_recall import TINY_MODEL, tiny_model_ready
 
 pytest.importorskip("tokenizers")
+pytestmark = pytest.mark.skipif(not tiny_model_ready(), reason=f"the trained tiny model is not shipped ({TINY_MODEL}): "
+                                "train it with `mplus-fast train mplus_fast/training/configs/tiny-mplus.toml`")
 MARGIN = 0.10   # 200 facts: the binomial standard error at ~90% is 2.1 points; 10 points is ~5 sigma
 
 
