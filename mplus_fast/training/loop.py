@@ -11,14 +11,13 @@ Run folder (`out`):
     tokenizer.json            the tokenizer (trained here or copied)
     log.jsonl                 one line per `log_every` steps (and per monitor evaluation)
     <stage>/step-000500/      checkpoints: the model (upstream layout, memory included,
-                              tokenizer.json beside it) + trainer.pt (optimizer, data RNG,
+                              tokenizer.json beside it) + trainer.json and trainer.safetensors (optimizer, data RNG,
                               ledger, step); each written to a temporary folder and renamed
                               into place, so a crash leaves the previous one whole
     <stage>/final/            the stage's last checkpoint; the next stage starts from it
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from mplus_fast.atomic import write_bytes_atomic
 from mplus_fast.config import MPlusConfig
@@ -39,7 +39,8 @@ from mplus_fast.training.data import Ledger, ask_row, text_row
 from mplus_fast.training.setup import Setup, build_model, prepare
 from mplus_fast.training.trainable import TARGETS, TrainableMPlus
 
-TRAINER_STATE = "trainer.pt"
+TRAINER_STATE = "trainer.json"      # step, stage, data RNG, ledger, optimizer hyper-parameters
+TRAINER_TENSORS = "trainer.safetensors"   # the optimizer's moments (no pickle anywhere)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -58,9 +59,9 @@ def save_checkpoint(folder: Path, model: MPlus, tokenizer_file: Path, trainer: d
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-    buf = io.BytesIO()
-    torch.save(trainer, buf)
-    write_bytes_atomic(tmp / TRAINER_STATE, buf.getvalue())
+    meta, tensors = split_trainer_state(trainer)
+    save_file(tensors, str(tmp / TRAINER_TENSORS))
+    write_bytes_atomic(tmp / TRAINER_STATE, json.dumps(meta).encode("utf-8"))
     if folder.exists():
         old = folder.parent / f".{folder.name}.old-{os.getpid()}"
         os.replace(folder, old)
@@ -69,6 +70,27 @@ def save_checkpoint(folder: Path, model: MPlus, tokenizer_file: Path, trainer: d
     else:
         os.replace(tmp, folder)
     return folder
+
+
+def split_trainer_state(trainer: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The trainer state as JSON + tensors: the optimizer's per-tensor state goes to safetensors."""
+    opt = trainer["optimizer"]
+    tensors = {f"state.{i}.{k}": v.detach().contiguous() for i, st in opt["state"].items() for k, v in st.items()}
+    version, internal, gauss = trainer["rng"]
+    meta = {**{k: v for k, v in trainer.items() if k not in ("optimizer", "rng")},
+            "rng": [version, list(internal), gauss], "param_groups": opt["param_groups"]}
+    return meta, tensors
+
+
+def load_trainer_state(folder: Path) -> dict:
+    meta = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    state: dict[int, dict] = {}
+    for name, t in load_file(str(folder / TRAINER_TENSORS)).items():
+        _, i, key = name.split(".", 2)
+        state.setdefault(int(i), {})[key] = t
+    version, internal, gauss = meta.pop("rng")
+    return {**meta, "rng": (version, tuple(internal), gauss),
+            "optimizer": {"state": state, "param_groups": meta.pop("param_groups")}}
 
 
 # ---------------------------------------------------------------------- one stage
@@ -271,7 +293,7 @@ def train(config: TrainConfig, out: str | Path | None = None, resume: bool = Fal
         start_from = None
         if resume and checkpoints(stage_dir):
             start_from = checkpoints(stage_dir)[-1]
-            trainer = torch.load(start_from / TRAINER_STATE, weights_only=False)
+            trainer = load_trainer_state(start_from)
         elif index > 0:
             start_from = setup.out / config.stages[index - 1].name / "final"
         if start_from is not None:

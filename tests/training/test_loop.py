@@ -91,7 +91,7 @@ def test_a_hundred_steps_lower_the_loss(tmp_path):
     a, b = ref(ids), fast(ids)
     assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-5)
     assert [x.tolist() for x in a.ltm_indices] == [x.tolist() for x in b.ltm_indices]
-    assert (final / "tokenizer.json").is_file() and (final / "trainer.pt").is_file()
+    assert (final / "tokenizer.json").is_file() and (final / "trainer.json").is_file() and (final / "trainer.safetensors").is_file()
 
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
