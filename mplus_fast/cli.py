@@ -92,6 +92,8 @@ def demo(
     """The trained tiny M+ recalls planted facts that the short-term memory alone has forgotten (STM-only vs M+
     answers, provenance, retention plot). --random: the memory machinery on random weights; --ckpt: on any checkpoint."""
     set_threads(threads)
+    if chunks < 1 and not tokenizer:
+        raise CLIError(f"--chunks {chunks} must be at least 1")
     if not random_weights and ckpt is None:
         if tokenizer or doc or question:
             raise CLIError("--tokenizer/--doc/--question need --ckpt (the tiny model brings its own tokenizer)")
