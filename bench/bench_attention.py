@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import mplus_fast.ops  # noqa: F401
 from mplus_fast.ops.attention import gather_prefix, memory_attention_reference
+from mplus_fast.ops.testing import skip_unless_native
 
 CUDA = torch.cuda.is_available()
 BIG = CUDA or os.environ.get("MPLUS_FAST_BENCH_BIG") == "1"
@@ -66,6 +67,8 @@ def test_memory_attention(benchmark, impl, shape):
         pytest.skip("released geometry: CUDA or MPLUS_FAST_BENCH_BIG=1")
     if shape == "released" and impl == "reference" and not CUDA:
         pytest.skip("the materialising reference at the released geometry needs ~7 GB")
+    if impl == "native":
+        skip_unless_native("memory_attention", DEVICE)
     B, Hq, Hkv, n, P, D, gather, dtype = SHAPES[shape]
     args = inputs(*SHAPES[shape])
     fn = IMPLS[impl]

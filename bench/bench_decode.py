@@ -11,6 +11,7 @@ import torch
 
 import mplus_fast.ops  # noqa: F401
 from mplus_fast.ops.decode import decode_attention_reference, decode_gemv_reference
+from mplus_fast.ops.testing import skip_unless_native
 
 GEMV = {"reference": decode_gemv_reference, "native": torch.ops.mplus_fast.decode_gemv}
 ATT = {"reference": decode_attention_reference, "native": torch.ops.mplus_fast.decode_attention}
@@ -33,6 +34,8 @@ def _record(benchmark, nbytes):
 @pytest.mark.parametrize("impl", list(GEMV))
 @pytest.mark.parametrize("shape", list(GEMV_SHAPES))
 def test_decode_gemv(benchmark, shape, impl):
+    if impl == "native":
+        skip_unless_native("decode_gemv")
     K, N = GEMV_SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(1, K, generator=g), torch.randn(K, N, generator=g)
@@ -43,6 +46,8 @@ def test_decode_gemv(benchmark, shape, impl):
 
 @pytest.mark.parametrize("impl", list(ATT))
 def test_decode_attention(benchmark, impl):
+    if impl == "native":
+        skip_unless_native("decode_attention")
     B, Hq, Hkv, S, D = 1, 16, 4, 3340, 64
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, Hq, 1, D, generator=g)

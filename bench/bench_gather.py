@@ -24,13 +24,14 @@ import time
 import pytest
 import torch
 
-import mplus_fast.ops as ops
+from mplus_fast.ops import has_native_kernel
 from mplus_fast.ops.gather import gather_rows_reference
+from mplus_fast.ops.testing import native_reason, skip_unless_native
 from mplus_fast.prefetch import PrefetchEngine
 
 CUDA = torch.cuda.is_available()
 FULL = CUDA or os.environ.get("MPLUS_BENCH_FULL", "0") == "1"
-NATIVE = ops.build_info()["ext_loaded"]
+NATIVE = has_native_kernel("gather_rows")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 THREADS = int(os.environ.get("MPLUS_BENCH_THREADS", "0"))  # 0: torch's default
 
@@ -47,6 +48,7 @@ def _threads():
 
 # name -> (bank rows M, row shape, dtype, gathered rows R)
 SHAPES = {
+    "mid-kv-f32": (20_000, (2, 4, 64), torch.float32, 640),   # CPU-mid: a layer's retrieved K/V rows
     "small-4096f32": (4_096, (1_024,), torch.float32, 640),
     "small-kv-bf16": (4_096, (2, 256), torch.bfloat16, 640),
 }
@@ -87,8 +89,9 @@ def _ext(shape):
 @pytest.mark.parametrize("impl", [
     "reference",
     "reference_out",  # torch.index_select(..., out=buffer): the reference's best into a reused buffer
-    pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")),
-    pytest.param("native_out", marks=pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")),
+    "engine_indexing",  # bank[index]: what the fast backend's device placement runs (gather_split)
+    pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason=native_reason("gather_rows"))),
+    pytest.param("native_out", marks=pytest.mark.skipif(not NATIVE, reason=native_reason("gather_rows"))),
 ])
 def test_cpu_gather(benchmark, impl, shape):
     m, row, dtype, r, row_bytes = _ext(shape)
@@ -98,6 +101,8 @@ def test_cpu_gather(benchmark, impl, shape):
     elif impl == "reference_out":
         out = torch.empty((r, *row), dtype=dtype)
         fn = functools.partial(torch.index_select, bank, 0, index, out=out)
+    elif impl == "engine_indexing":
+        fn = functools.partial(bank.__getitem__, index)
     elif impl == "native":
         fn = functools.partial(torch.ops.mplus_fast.gather_rows, bank, index)
     else:  # into a preallocated (pinned when CUDA) buffer: the prefetch engine's staging path
@@ -114,6 +119,8 @@ def test_cpu_gather(benchmark, impl, shape):
 @pytest.mark.parametrize("impl", ["reference_device", "native_device", "native_zero_copy", "engine_staged",
                                   "engine_zero_copy"])
 def test_cuda_gather(benchmark, impl, shape):
+    if impl in ("native_device", "native_zero_copy") or impl == "engine_zero_copy":
+        skip_unless_native("gather_rows", "cuda")
     m, row, dtype, r, row_bytes = _ext(shape)
     host = bank_for(m, row, dtype, True)
     index = index_for(m, r)

@@ -1,7 +1,7 @@
-"""stm_update_ (vs the reference's drop-and-concatenate) and assemble_rows (vs torch.cat).
+"""stm_update_ (vs the reference's drop-and-concatenate and the op's reference).
 
-Small shapes always (untimed in CI); the released geometry (N 10,240, T 256, d 4,096; assembly
-of 1 + 2,560 + 10,240 + 512 rows) when CUDA is available or MPLUS_BENCH_FULL=1.
+Small shapes always (untimed in CI); the released geometry (N 10,240, T 256, d 4,096) when CUDA
+is available or MPLUS_BENCH_FULL=1. The native rows skip when the kernel is not loaded.
 """
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ import pytest
 import torch
 
 import mplus_fast.ops  # noqa: F401
-from mplus_fast.ops import build_info
-from mplus_fast.ops.insertion import assemble_rows_reference, drop_and_concat_reference, stm_update_reference
+from mplus_fast.ops.insertion import drop_and_concat_reference, stm_update_reference
+from mplus_fast.ops.testing import skip_unless_native
 
 FULL = os.environ.get("MPLUS_BENCH_FULL", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 STM_SHAPES = {"small": (1, 1024, 32, 256)}  # (L, N, T, d)
-ASM_SHAPES = {"small": (1, 100, 64, 256, 16, 256)}  # (B, M, R, N, m, d)
 if FULL or HAS_CUDA:
     STM_SHAPES["released"] = (1, 10_240, 256, 4096)
-    ASM_SHAPES["released"] = (1, 20_000, 2560, 10_240, 512, 4096)
 
 
 def _sync(device):
@@ -43,8 +41,8 @@ def _gbps(benchmark, nbytes):
 @pytest.mark.parametrize("shape", list(STM_SHAPES))
 @pytest.mark.parametrize("impl", ["drop_and_concat", "reference_op", "native"])
 def test_stm_update(benchmark, impl, shape, device):
-    if impl == "native" and not build_info()["ext_loaded"]:
-        pytest.skip("native library not built")
+    if impl == "native":
+        skip_unless_native("stm_update_", device)
     L, N, T, d = STM_SHAPES[shape]
     dtype = torch.bfloat16
     g = torch.Generator().manual_seed(0)
@@ -66,31 +64,6 @@ def test_stm_update(benchmark, impl, shape, device):
         def run():
             fn(pool, order, drop, new)
             _sync(device)
-    _info(benchmark, device, dtype, nbytes)
-    benchmark(run)
-    _gbps(benchmark, nbytes)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", list(ASM_SHAPES))
-@pytest.mark.parametrize("impl", ["reference", "native"])
-def test_assemble_rows(benchmark, impl, shape, device):
-    if impl == "native" and not build_info()["ext_loaded"]:
-        pytest.skip("native library not built")
-    B, M, R, N, m, d = ASM_SHAPES[shape]
-    dtype = torch.bfloat16
-    g = torch.Generator().manual_seed(0)
-    t = lambda *s: torch.randn(*s, generator=g).to(dtype).to(device)  # noqa: E731
-    args = (t(d), t(M, d), torch.randint(0, M, (B, R), generator=g).to(device), t(N, d),
-            torch.randperm(N, generator=g).to(device), t(B, m, d), t(d), 256)
-    out = torch.empty(B, 1 + R + N + m, d, dtype=dtype, device=device)
-    nbytes = 2 * out.numel() * out.element_size()
-    fn = assemble_rows_reference if impl == "reference" else torch.ops.mplus_fast.assemble_rows
-
-    def run():
-        fn(*args, out)
-        _sync(device)
-
     _info(benchmark, device, dtype, nbytes)
     benchmark(run)
     _gbps(benchmark, nbytes)

@@ -2,6 +2,7 @@
 
 Small CPU shapes always run (untimed in CI with --benchmark-disable); the released per-layer
 geometry (512 queries x 153,600 keys x 256) runs when CUDA is available or MPLUS_BENCH_FULL=1.
+float32 and bfloat16 (the GPU default, and the SPEC §10 rounding path) on every device.
 Peak extra memory is measured in a fresh subprocess per implementation: a thread samples the
 process RSS (psutil) every 1 ms during one call (after a warm-up call); peak minus the RSS just before the call (large
 temporaries are mmapped by malloc and returned on free, so RSS follows them).
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import mplus_fast.ops  # noqa: F401
-from mplus_fast.ops import build_info
+from mplus_fast.ops.testing import skip_unless_native
 from mplus_fast.ops.retrieval import retrieval_topk_reference
 
 FULL = os.environ.get("MPLUS_BENCH_FULL", "0") == "1"
@@ -49,17 +50,18 @@ def _inputs(shape, device, dtype):
     return q, keys, extra, k
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_retrieval_topk(benchmark, impl, shape, device):
-    if impl == "native" and not build_info()["ext_loaded"]:
-        pytest.skip("native library not built")
+def test_retrieval_topk(benchmark, impl, shape, device, dtype):
+    if impl == "native":
+        skip_unless_native("retrieval_topk", device)
     if impl == "triton" and device != "cuda":
         pytest.skip("the Triton kernel is benchmarked on CUDA only")
     if device == "cpu" and shape == "released" and not FULL:
         pytest.skip("released geometry on CPU only with MPLUS_BENCH_FULL=1")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = getattr(torch, dtype)  # bf16/fp16 score with the SPEC §10 rounding steps
     q, keys, extra, k = _inputs(SHAPES[shape], device, dtype)
     B, n, M, E, s, _ = SHAPES[shape]
     flops = 2 * B * n * (M + E) * s
@@ -115,8 +117,7 @@ def peak_extra_bytes(impl: str, n: int, M: int, s: int, k: int) -> int:
 
 def test_cpu_peak_memory_ratio():
     """Native peak extra memory <= 1/8 of the reference's (the issue's target)."""
-    if not build_info()["ext_loaded"]:
-        pytest.skip("native library not built")
+    skip_unless_native("retrieval_topk")
     if not (FULL or os.environ.get("MPLUS_BENCH_MEMORY", "0") == "1"):
         pytest.skip("two fresh interpreters: only with MPLUS_BENCH_FULL=1 or MPLUS_BENCH_MEMORY=1")
     n, M, s, k = (512, 153_600, 256, 2560) if FULL else (256, 40_000, 64, 256)

@@ -1,4 +1,4 @@
-"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, serve, eval.
+"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, serve, eval, train.
 
 Commands stay thin: they parse options, call the public API (`mplus_fast.load`, `MPlus`), and
 print with rich. User errors (missing checkpoint, bad ids, bad options) print one red line and
@@ -69,23 +69,42 @@ def _load(ckpt: Path, device: str, dtype: Optional[str], seed: int, backend: str
 @app.command()
 @user_errors
 def demo(
-    ckpt: Optional[Path] = typer.Option(None, help="A real M+ checkpoint. Default: a small RANDOM demo checkpoint (cached)."),
+    random_weights: bool = typer.Option(False, "--random", help="The machinery demo on a small RANDOM checkpoint (no language)."),
+    facts: int = typer.Option(12, help="Held-out facts the trained tiny model is asked about (default demo)."),
+    plot: Optional[Path] = typer.Option(None, help="Where the retention plot goes (default: the cache folder, demo-retention.png)."),
+    ckpt: Optional[Path] = typer.Option(None, help="A real M+ checkpoint (machinery demo). Default: the shipped tiny M+ (trained)."),
     tokenizer: Optional[str] = TOKENIZER,
-    chunks: int = typer.Option(200, help="Synthetic chunks of T tokens to inject (ignored with --tokenizer: the document is used)."),
+    chunks: int = typer.Option(200, help="--random / --ckpt: synthetic chunks of T tokens to inject (ignored with --tokenizer)."),
     doc: Optional[Path] = typer.Option(None, help="Text file to inject (with --ckpt and --tokenizer). Default: a built-in paragraph."),
     question: Optional[List[str]] = typer.Option(None, help="A question to ask after injection (repeatable; with --tokenizer)."),
-    new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt."),
+    new_tokens: int = typer.Option(16, help="Greedy tokens generated per prompt (--random / --ckpt)."),
     table_every: int = typer.Option(0, help="A memory-growth table row every K chunks (0: about 10 rows)."),
-    seed: int = typer.Option(0, help="Seeds the random demo checkpoint's weights, the synthetic text and the model's generator."),
+    seed: int = typer.Option(0, help="Seeds the facts and distractors (or the random checkpoint), and the model's generator."),
     device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
-    threads: int = _threads(1, "the demo model is tiny, one thread is fastest"),
+    threads: int = _threads(1, "the demo models are tiny, one thread is fastest"),
 ):
-    """Stream many chunks into the memory, watch STM/LTM grow and merge, then prompt and show recall, output, timings."""
-    from mplus_fast.demo import run_demo
+    """The trained tiny M+ recalls planted facts that the short-term memory alone has forgotten (STM-only vs M+
+    answers, provenance, retention plot). --random: the memory machinery on random weights; --ckpt: on any checkpoint."""
     set_threads(threads)
     device, dt = str(parse_device(device)), parse_dtype(dtype)
+    if chunks < 1 and not tokenizer:
+        raise CLIError(f"--chunks {chunks} must be at least 1")
+    if not random_weights and ckpt is None:
+        if tokenizer or doc or question:
+            raise CLIError("--tokenizer/--doc/--question need --ckpt (the tiny model brings its own tokenizer)")
+        if facts < 1:
+            raise CLIError(f"--facts {facts} must be at least 1")
+        from mplus_fast.demo import cache_root
+        from mplus_fast.demo_recall import TINY_MODEL, run_recall_demo, tiny_model_ready
+        if tiny_model_ready():
+            run_recall_demo(facts, seed, plot or cache_root() / "demo-retention.png", backend)
+            return
+        console.print(f"[yellow]The trained tiny M+ is not shipped in this checkout ({TINY_MODEL}); train it with "
+                      "`mplus-fast train mplus_fast/training/configs/tiny-mplus.toml` (see docs/training.md). "
+                      "Running the random-weights machinery demo instead.[/]")
+    from mplus_fast.demo import run_demo
     if ckpt is None and (tokenizer or doc or question):
-        raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the default demo model is random)")
+        raise CLIError("--tokenizer/--doc/--question need --ckpt pointing at a real model (the random demo model is random)")
     run_demo(str(ckpt) if ckpt else None, tokenizer, chunks, seed, device, dt,
              str(doc) if doc else None, list(question or []), new_tokens, table_every, backend)
 
@@ -262,6 +281,26 @@ def serve(
                max_body_mb=max_body_mb, max_inject_mb=max_inject_mb, request_timeout=request_timeout,
                queue_timeout=queue_timeout, seed=seed, device=str(parse_device(device)), dtype=parse_dtype(dtype), backend=backend,
                threads=threads)
+
+
+@app.command()
+@user_errors
+def train(
+    config: Path = typer.Argument(..., help="Training config (TOML): shared settings and one or more [[stage]]s."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: the config's `out`)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its newest checkpoint."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop each stage after this many steps (a resumable checkpoint is written)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar (the log is still written)."),
+):
+    """Train M+ (dual-LoRA memory write/read + retriever) by the stages of CONFIG; see docs/training.md."""
+    from mplus_fast.training import load_config
+    from mplus_fast.training import train as run_training
+    if max_steps is not None and max_steps < 1:
+        raise CLIError(f"--max-steps {max_steps} must be at least 1")
+    cfg = load_config(config)
+    folder = Path(out or cfg.out)
+    final = run_training(cfg, out=folder, resume=resume, max_steps=max_steps, show=not quiet)
+    console.print(f"checkpoint: {final}")
 
 
 from mplus_fast.eval.cli import eval_app  # noqa: E402  (the evaluation wing: `mplus-fast eval TASK CKPT`)

@@ -15,7 +15,7 @@ if ! "$V" -c "import torch" >/dev/null 2>&1; then
   "$V" -m pip install -q "torch==${MPLUS_FAST_TORCH_VERSION:-2.13.0}"
 fi
 "$V" -m pip install -q "setuptools>=64" wheel ninja
-"$V" -m pip install -q --no-build-isolation -e ".[test]"
+"$V" -m pip install -q --no-build-isolation -e ".[test,plot]"
 # Triton runs under its CPU interpreter in tests (TRITON_INTERPRET=1); CUDA torch ships its own.
 if ! "$V" -c "import triton" >/dev/null 2>&1; then
   "$V" -m pip install -q triton || echo "bootstrap: triton unavailable; Triton tests will be skipped" >&2

@@ -9,7 +9,8 @@
 #    /tmp/torchcuda), only include/ trees are extracted, into .cache/cuda_headers/ (gitignored);
 #    later runs reuse that cache and download nothing.
 # 2. Each `cuda` entry of csrc/SOURCES is compiled with
-#    nvcc -std=c++20 -c -arch=sm_90 --expt-relaxed-constexpr -DMPLUS_FAST_WITH_CUDA=1, and each
+#    nvcc -std=c++20 -c -arch=sm_90 --expt-relaxed-constexpr -DMPLUS_FAST_WITH_CUDA=1 (+ the
+#    -D__CUDA_NO_HALF*/BFLOAT16_CONVERSIONS__ defines torch adds), and each
 #    torch-free device header csrc/kernels/*.cuh is compiled standalone (a one-line TU each), so
 #    the headers stay self-contained. One line per file; exit status 1 if any failed.
 #
@@ -76,8 +77,11 @@ fi
 PY_INC=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 INCS=(-I"$ROOT/csrc" -I"$CACHE/torch/include" -I"$CACHE/torch/include/torch/csrc/api/include"
       -I"$CACHE/nvidia/include" -I"$PY_INC")
+# The defines torch's CUDAExtension adds to every nvcc line (COMMON_NVCC_FLAGS), so code that relies
+# on implicit half/bf16 conversions fails here as it would in the real build.
 FLAGS=(-std=c++20 -c -arch=sm_90 --expt-relaxed-constexpr -O1 -DMPLUS_FAST_WITH_CUDA=1
-       -D_GLIBCXX_USE_CXX11_ABI=1 -Xcompiler -fPIC -w)
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+       -D__CUDA_NO_HALF2_OPERATORS__ -D_GLIBCXX_USE_CXX11_ABI=1 -Xcompiler -fPIC -w)
 
 # ---- 2. compile -----------------------------------------------------------------------------
 OUT=$(mktemp -d); trap 'rm -rf "$OUT" "${DL:-}"' EXIT

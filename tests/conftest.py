@@ -17,6 +17,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
 
 
+def pytest_report_header(config):
+    from mplus_fast.ops import build_info
+
+    info = build_info()
+    return (f"mplus_fast._C: built={info['ext_built']} (cuda={info['cuda_built']}), loaded={info['ext_loaded']}"
+            " (op tests of native kernels skip when not loaded; `make test` requires it when built)")
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES

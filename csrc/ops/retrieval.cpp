@@ -4,18 +4,28 @@
 // Design: the (n x (M+E)) score matrix is never materialised. Keys are cut into chunks; chunks
 // (of every batch row) run in parallel (at::parallel_for, OpenMP); each does one small float32
 // GEMM (its queries x its keys), a vectorised sigmoid in place, and a column sum over the
-// unmasked queries (summed in double). Peak temporary memory: threads x (n x C + C x s) floats, C ~ 2 MiB / (4 n).
-// Top-k: per batch row, nth_element with the total order (score desc, index asc), so ties at
-// the k-th place go to the lower index; then the k indices are sorted ascending.
+// unmasked queries. Peak temporary memory: threads x (n x C + C x s) floats, C ~ 2 MiB / (4 n).
+// Precision (SPEC §10): float32 inputs score in float32 (column sums in double). bf16/fp16
+// inputs score as the authors' code does in that dtype: each product (exact in float32: a
+// product of two bf16/fp16 values) summed in float32 and rounded once to the dtype, torch's
+// sigmoid in the dtype, the column sum in float32, divided by the count and rounded once.
+// Scores are those rounded values.
+// Top-k: csrc/ops/topk.cpp (radix select + stable compaction: ties at the k-th place go to the
+// lower index, indices ascending), with the radix passes the rounded dtype needs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "kernels/topk_select.h"
 #include "ops/check.h"
+#include "ops/topk.h"
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <type_traits>
 #include <optional>
 #include <sstream>
 #include <vector>
@@ -61,14 +71,42 @@ std::tuple<at::Tensor, at::Tensor> retrieval_cyclic(int64_t batch, int64_t m, in
   return {row.expand({batch, k}).contiguous(), at::zeros({batch, k}, opts.dtype(at::kFloat))};
 }
 
-static at::Tensor scores_cpu(const at::Tensor& queries, const at::Tensor& keys,
-                             const std::optional<at::Tensor>& extra_keys,
-                             const std::optional<at::Tensor>& query_mask) {
-  const int64_t B = queries.size(0), n = queries.size(1), s = queries.size(2);
+namespace {
+
+// Column sums over the queries (rows) of one chunk's dot products (rows x width, float32), the
+// mean into out[0, width). T = float: sigmoid in float32, float64 sums. Otherwise SPEC §10 in
+// ATen's own vectorised kernels: the dot products rounded to T (`.to(T)`, round to nearest
+// even), torch's sigmoid in T (the reference's very operation), float32 sums, the mean rounded
+// to T.
+template <typename T>
+void chunk_scores(at::Tensor& sc, int64_t rows, int64_t width, float* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    sc.sigmoid_();
+    const float* p = sc.const_data_ptr<float>();
+    std::vector<double> acc(width, 0.0);
+    for (int64_t i = 0; i < rows; ++i, p += width)
+      for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
+    for (int64_t j = 0; j < width; ++j) out[j] = float(acc[j] / double(rows));
+  } else {
+    const auto dtype = std::is_same_v<T, c10::BFloat16> ? at::kBFloat16 : at::kHalf;
+    const at::Tensor sig = at::sigmoid(sc.to(dtype)).to(at::kFloat);
+    const float* p = sig.const_data_ptr<float>();
+    std::vector<float> acc(width, 0.0f);
+    for (int64_t i = 0; i < rows; ++i, p += width)
+      for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
+    const float cnt = float(rows);
+    for (int64_t j = 0; j < width; ++j) out[j] = static_cast<float>(static_cast<T>(acc[j] / cnt));
+  }
+}
+
+template <typename T>
+at::Tensor scores_cpu(const at::Tensor& queries, const at::Tensor& keys, const std::optional<at::Tensor>& extra_keys,
+                      const std::optional<at::Tensor>& query_mask) {
+  const int64_t B = queries.size(0), n = queries.size(1);
   const int64_t M = keys.size(0), E = extra_keys.has_value() ? extra_keys->size(0) : 0, total = M + E;
   auto scores = at::zeros({B, total}, queries.options().dtype(at::kFloat));
   if (total == 0 || B == 0) return scores;
-  // Per batch row: its unmasked queries in float32 (small: n x s).
+  // Per batch row: its unmasked queries in float32 (small: n x s; bf16/fp16 convert exactly).
   std::vector<at::Tensor> q(B);
   for (int64_t b = 0; b < B; ++b) {
     auto qb = queries[b];
@@ -79,12 +117,11 @@ static at::Tensor scores_cpu(const at::Tensor& queries, const at::Tensor& keys,
   const int64_t nchunks = (total + chunk - 1) / chunk;
   float* out = scores.data_ptr<float>();
   at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> acc;  // column sums in double: n adds per column are cheap next to the GEMM
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nchunks, j0 = (task % nchunks) * chunk, j1 = std::min(total, j0 + chunk);
-      const int64_t cnt = q[b].size(0), width = j1 - j0;
+      const int64_t cnt = q[b].size(0);
       if (cnt == 0) continue;  // every query masked: scores stay 0
-      at::Tensor kc;  // (width, s) keys of this chunk, float32
+      at::Tensor kc;  // (width, s) keys of this chunk
       if (j1 <= M) {
         kc = keys.slice(0, j0, j1);
       } else if (j0 >= M) {
@@ -93,44 +130,13 @@ static at::Tensor scores_cpu(const at::Tensor& queries, const at::Tensor& keys,
         kc = at::cat({keys.slice(0, j0, M), extra_keys->slice(0, 0, j1 - M)});
       }
       auto sc = at::mm(q[b], kc.to(at::kFloat).t());  // (cnt, width) float32
-      sc.sigmoid_();
-      acc.assign(width, 0.0);
-      const float* p = sc.data_ptr<float>();
-      for (int64_t i = 0; i < cnt; ++i, p += width)
-        for (int64_t j = 0; j < width; ++j) acc[j] += p[j];
-      const double inv = 1.0 / double(cnt);
-      for (int64_t j = 0; j < width; ++j) out[b * total + j0 + j] = float(acc[j] * inv);
+      chunk_scores<T>(sc, cnt, j1 - j0, out + b * total + j0);
     }
   });
-  (void)s;
   return scores;
 }
 
-// Top-k of each row of scores (B, total) float32 (contiguous, CPU): indices ascending.
-static std::tuple<at::Tensor, at::Tensor> topk_sorted_cpu(const at::Tensor& scores, int64_t k) {
-  const int64_t B = scores.size(0), total = scores.size(1);
-  auto idx = at::empty({B, k}, scores.options().dtype(at::kLong));
-  auto val = at::empty({B, k}, scores.options());
-  const float* sp = scores.data_ptr<float>();
-  int64_t* ip = idx.data_ptr<int64_t>();
-  float* vp = val.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> order(total);
-    for (int64_t b = begin; b < end; ++b) {
-      const float* row = sp + b * total;
-      auto key = [&](int64_t j) { return std::isnan(row[j]) ? -INFINITY : row[j]; };
-      auto better = [&](int64_t a, int64_t c) { return key(a) > key(c) || (key(a) == key(c) && a < c); };
-      std::iota(order.begin(), order.end(), int64_t(0));
-      if (k < total) std::nth_element(order.begin(), order.begin() + k, order.end(), better);
-      std::sort(order.begin(), order.begin() + k);
-      for (int64_t i = 0; i < k; ++i) {
-        ip[b * k + i] = order[i];
-        vp[b * k + i] = row[order[i]];
-      }
-    }
-  });
-  return {idx, val};
-}
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> retrieval_topk_cpu(const at::Tensor& queries, const at::Tensor& keys,
                                                       const std::optional<at::Tensor>& extra_keys, int64_t k,
@@ -138,8 +144,16 @@ std::tuple<at::Tensor, at::Tensor> retrieval_topk_cpu(const at::Tensor& queries,
   retrieval_check_args(queries, keys, extra_keys, k, query_mask);
   const int64_t B = queries.size(0), M = keys.size(0);
   if (M < k) return retrieval_cyclic(B, M, k, queries.options());
-  auto scores = scores_cpu(queries, keys, extra_keys, query_mask);
-  return topk_sorted_cpu(scores, k);
+  switch (queries.scalar_type()) {
+    case at::kBFloat16:
+      return topk_rows_cpu(scores_cpu<c10::BFloat16>(queries, keys, extra_keys, query_mask), k,
+                           topk::passes_for_mantissa(7));
+    case at::kHalf:
+      return topk_rows_cpu(scores_cpu<c10::Half>(queries, keys, extra_keys, query_mask), k,
+                           topk::passes_for_mantissa(10));
+    default:
+      return topk_rows_cpu(scores_cpu<float>(queries, keys, extra_keys, query_mask), k, topk::passes_for_mantissa(23));
+  }
 }
 
 TORCH_LIBRARY_IMPL(mplus_fast, CPU, m) { m.impl("retrieval_topk", &retrieval_topk_cpu); }

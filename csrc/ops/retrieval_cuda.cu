@@ -1,20 +1,19 @@
-// retrieval_topk, CUDA glue: checks (shared with the CPU kernel), fused scoring kernel
-// (csrc/kernels/retrieval.cuh) on the current stream, then top-k by a stable descending sort
-// (any k, ties to the lower index), indices sorted ascending.
+// retrieval_topk, CUDA glue: checks (shared with the CPU kernel), the fused scoring kernel
+// (csrc/kernels/retrieval.cuh: tensor cores for bf16/fp16) then the top-k selection
+// (csrc/kernels/topk.cuh: radix select + stable compaction, no sort; ties to the lower index,
+// indices ascending), both on the current stream.
 // Per-operator ATen headers (not ATen/ATen.h, nor ATen/cuda/CUDAContext.h with cuBLAS): ~4x faster
 // to compile, which the nvcc check in CI pays for every .cu file.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/sort.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "kernels/retrieval.cuh"
+#include "kernels/topk.cuh"
 
 namespace mplus_fast {
 
@@ -30,15 +29,29 @@ at::Tensor unit_last(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-
 
 template <typename T>
 void launch(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& extra, const at::Tensor& mask,
-            const at::Tensor& inv, at::Tensor& scores) {
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const T* ep = extra.defined() ? reinterpret_cast<const T*>(extra.data_ptr()) : nullptr;
-  auto err = retrieval_kernels::launch_retrieval_scores<T>(
-      reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1), int(q.size(0)), int(q.size(1)),
-      int(q.size(2)), reinterpret_cast<const T*>(keys.data_ptr()), keys.stride(0), keys.size(0), ep,
-      extra.defined() ? extra.stride(0) : 0, extra.defined() ? extra.size(0) : 0,
-      mask.defined() ? mask.data_ptr<bool>() : nullptr, mask.defined() ? mask.stride(0) : 0,
-      mask.defined() ? mask.stride(1) : 0, inv.data_ptr<float>(), scores.data_ptr<float>(), stream);
+            const at::Tensor& count, at::Tensor& scores) {
+  retrieval_kernels::ScoreArgs<T> a{};
+  a.q = reinterpret_cast<const T*>(q.data_ptr());
+  a.q_sb = q.stride(0);
+  a.q_sn = q.stride(1);
+  a.n = int(q.size(1));
+  a.s = int(q.size(2));
+  a.keys = reinterpret_cast<const T*>(keys.data_ptr());
+  a.k_s0 = keys.stride(0);
+  a.M = keys.size(0);
+  if (extra.defined()) {
+    a.extra = reinterpret_cast<const T*>(extra.data_ptr());
+    a.e_s0 = extra.stride(0);
+    a.E = extra.size(0);
+  }
+  if (mask.defined()) {
+    a.mask = mask.data_ptr<bool>();
+    a.m_sb = mask.stride(0);
+    a.m_sn = mask.stride(1);
+  }
+  a.count = count.data_ptr<float>();
+  a.out = scores.data_ptr<float>();
+  auto err = retrieval_kernels::launch_retrieval_scores<T>(a, int(q.size(0)), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "retrieval_topk: kernel launch failed: ", cudaGetErrorString(err));
 }
 }  // namespace
@@ -54,25 +67,33 @@ std::tuple<at::Tensor, at::Tensor> retrieval_topk_cuda(const at::Tensor& queries
   auto q = unit_last(queries);
   auto kk = unit_last(keys);
   auto ex = E > 0 ? unit_last(*extra_keys) : at::Tensor();
-  at::Tensor mask, inv;
+  TORCH_CHECK(B <= 65535, "retrieval_topk: at most 65535 batch rows on CUDA, got queries ", queries.sizes());
+  at::Tensor mask, count;
   auto fopts = queries.options().dtype(at::kFloat);
   if (query_mask.has_value()) {
     mask = *query_mask;
-    auto cnt = mask.sum(1).to(at::kFloat);
-    inv = at::where(cnt.gt(0), cnt.reciprocal(), at::zeros_like(cnt)).contiguous();
+    count = mask.sum(1).to(at::kFloat).contiguous();
   } else {
-    inv = at::full({B}, n > 0 ? 1.0 / double(n) : 0.0, fopts);
+    count = at::full({B}, double(n), fopts);
   }
   auto scores = at::empty({B, M + E}, fopts);
+  int passes = topk::passes_for_mantissa(23);  // the radix passes that pin a score of this dtype
   switch (queries.scalar_type()) {
-    case at::kFloat: launch<float>(q, kk, ex, mask, inv, scores); break;
-    case at::kHalf: launch<__half>(q, kk, ex, mask, inv, scores); break;
-    case at::kBFloat16: launch<__nv_bfloat16>(q, kk, ex, mask, inv, scores); break;
+    case at::kFloat: launch<float>(q, kk, ex, mask, count, scores); break;
+    case at::kHalf: launch<__half>(q, kk, ex, mask, count, scores); passes = topk::passes_for_mantissa(10); break;
+    case at::kBFloat16:
+      launch<__nv_bfloat16>(q, kk, ex, mask, count, scores);
+      passes = topk::passes_for_mantissa(7);
+      break;
     default: TORCH_CHECK(false, "retrieval_topk: unsupported dtype ", queries.scalar_type());
   }
-  auto best = std::get<1>(at::sort(scores, /*stable=*/true, /*dim=*/1, /*descending=*/true)).slice(1, 0, k);
-  auto indices = std::get<0>(at::sort(best, /*dim=*/1));
-  return {indices, scores.gather(1, indices)};
+  auto indices = at::empty({B, k}, queries.options().dtype(at::kLong));
+  auto values = at::empty({B, k}, fopts);
+  auto err = topk::launch_select_topk(scores.const_data_ptr<float>(), M + E, B, M + E, k, passes,
+                                      indices.data_ptr<int64_t>(), values.data_ptr<float>(),
+                                      c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "retrieval_topk: top-k kernel launch failed: ", cudaGetErrorString(err));
+  return {indices, values};
 }
 
 TORCH_LIBRARY_IMPL(mplus_fast, CUDA, m) { m.impl("retrieval_topk", &retrieval_topk_cuda); }

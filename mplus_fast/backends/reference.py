@@ -98,7 +98,10 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------ reading (§3)
     def read(self, ids: torch.Tensor, valid: torch.Tensor, *, cache_extra: int | None = None, last_only: bool = False,
-             retrieve: bool = True) -> ReadResult:
+             retrieve: bool = True, query_mask: torch.Tensor | None = None, observe=None) -> ReadResult:
+        """Training hooks (`mplus_fast.training`): `query_mask` (B, n) bool limits the tokens whose
+        queries choose the LTM rows (a teacher-forced question + answer retrieves by the question
+        alone, as generate's prefill does); `observe(l, x)` sees each layer's input hidden states."""
         m, c, st = self.m, self.cfg, self.state
         B, n = ids.shape
         dev = ids.device
@@ -114,8 +117,10 @@ class ReferenceBackend:
         all_idx, all_prov = [], []
         for l, layer in enumerate(m.weights.layers):
             with nvtx_range(f"reference.read.layer{l}"):
+                if observe is not None:
+                    observe(l, x)
                 if use_memory:
-                    idx, prov, ltm_rows = self._retrieve(l, x, valid, st, retrieve)
+                    idx, prov, ltm_rows = self._retrieve(l, x, valid if query_mask is None else valid & query_mask, st, retrieve)
                     r_here = ltm_rows.shape[1]
                     prefix = torch.cat([m.weights.bos[l].expand(B, 1, -1), ltm_rows, st.stm[l].to(x.dtype).expand(B, -1, -1)], dim=1)
                     pre_pos = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1, r_here + 1), torch.arange(R + 1, R + N + 1)]).to(dev)

@@ -53,6 +53,14 @@ def build_info() -> dict:
     return {**built, "ext_loaded": load_extension()}
 
 
+def has_native_kernel(op: str, device: str | torch.device = "cpu") -> bool:
+    """True when `mplus_fast::<op>` has a kernel of its own for `device`'s dispatch key (a C++ /
+    CUDA kernel of mplus_fast._C, or a Triton kernel registered for CUDA), i.e. when calling the op
+    there does NOT run its PyTorch reference. Op tests and benchmarks skip on False."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
+
+
 def _touches_cuda(args, kwargs) -> bool:
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor) and value.is_cuda:

@@ -112,6 +112,11 @@ def memory_attention_reference(q, k_prefix, v_prefix, prefix_index, prefix_posit
                                k_tail, v_tail, tail_mask, scale):
     check_memory_attention_args(q, k_prefix, v_prefix, prefix_index, prefix_positions, inv_freq,
                                 k_tail, v_tail, tail_mask)
+    if prefix_index is not None and prefix_index.numel():  # as the native kernel: before anything is read
+        src, lo, hi = k_prefix.shape[2], int(prefix_index.min()), int(prefix_index.max())
+        if lo < 0 or hi >= src:
+            raise ValueError(f"memory_attention: prefix_index {list(prefix_index.shape)} has values in [{lo}, {hi}], "
+                             f"outside [0, {src})")
     B, Hq, n, D = q.shape
     group = Hq // k_tail.shape[1]
     kp, vp = gather_prefix(k_prefix, v_prefix, prefix_index, prefix_positions, inv_freq, B)

@@ -9,21 +9,28 @@ k           int >= 0  number of keys to return (R in the SPEC)
 query_mask  (B, n)    bool, or None; False marks a padding query, left out of the mean
 returns     indices (B, k) int64 and scores (B, k) float32
 
-score_j = mean over the unmasked queries q of sigmoid(q · key_j): no 1/sqrt(s) scale, products and
-sums in float32. The k best keys of [keys; extra_keys] are returned with indices SORTED ASCENDING.
-Ties at the k-th place go to the lower index. A batch row with no query (n = 0, or all masked) scores 0
-everywhere (so it gets indices 0..k-1).
+score_j = mean over the unmasked queries q of sigmoid(q · key_j): no 1/sqrt(s) scale. Precision
+(SPEC §10): float32 inputs score in float32. bf16/fp16 inputs score as the authors' code does in
+that dtype: q · key_j accumulated in float32 and rounded once to the dtype, sigmoid of that rounded
+to the dtype, the mean over the unmasked queries summed in float32 and rounded once to the dtype.
+The returned scores are those rounded values (as float32). The k best keys of [keys; extra_keys]
+are returned with indices SORTED ASCENDING. Ties at the k-th place go to the lower index (exact
+ties are the rule in bf16: dozens of keys can share the cut score). A batch row with no query
+(n = 0, or all masked) scores 0 everywhere (so it gets indices 0..k-1).
 SPEC §3 special case: when M < k (extra keys not counted) nothing is scored: indices are
 arange(M) repeated end to end, cut to the LAST k entries (M=3, k=7 -> 2,0,1,2,0,1,2; this exact
 order, not sorted), the extra block is ignored and scores are 0. M == 0 is an error.
 
 Kernels: `retrieval_topk_reference` below is the truth (it materialises the B x n x (M+E) score
-matrix). Native CPU (csrc/ops/retrieval.cpp): key chunks in parallel, one small GEMM per chunk,
-sigmoid and a running column sum, never more than threads x n x chunk floats of scores. Native
-CUDA (csrc/ops/retrieval_cuda.cu + csrc/kernels/retrieval.cuh): one fused tiled kernel (GEMM +
-sigmoid + masked column mean, the n x M matrix is never written) then a stable sort for top-k
-(any k). Triton (mplus_fast/ops/triton/retrieval.py): the same fusion with tl.dot (tensor cores),
-not registered with the dispatcher; chosen explicitly with `retrieval_topk(..., impl="triton")`.
+matrix). Native CPU (csrc/ops/retrieval.cpp): key chunks in parallel, one small float32 GEMM per
+chunk, the rounding steps, sigmoid and a running column sum, never more than threads x n x chunk
+floats of scores. Native CUDA (csrc/ops/retrieval_cuda.cu + csrc/kernels/retrieval.cuh): bf16/fp16
+on tensor cores (WMMA 16x16x16, float32 accumulation; a block keeps its key tile in shared memory
+for all query tiles; sigmoid, rounding and the masked column mean fused, the n x M matrix never
+written), float32 (or a selector wider than 496) on the CUDA cores. Top-k on both: the selection of
+`topk_ascending` (mplus_fast/ops/topk.py: radix select + stable compaction, no sort). Triton
+(mplus_fast/ops/triton/retrieval.py): the same scoring with tl.dot, not registered with the
+dispatcher; chosen explicitly with `retrieval_topk(..., impl="triton")`.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import torch
 
 from mplus_fast import retrieval as retrieval_semantics
 from mplus_fast.ops._library import define_op
+from mplus_fast.ops.topk import topk_ascending_reference
 
 SCHEMA = (
     "retrieval_topk(Tensor queries, Tensor keys, Tensor? extra_keys, int k, Tensor? query_mask=None)"
@@ -66,15 +74,21 @@ def cyclic_indices(m: int, k: int, batch: int, device) -> torch.Tensor:
 
 
 def retrieval_scores_reference(queries, keys, extra_keys=None, query_mask=None) -> torch.Tensor:
-    """(B, M+E) float32 mean-sigmoid scores; materialises (B, n, M+E) (that is why it is the reference)."""
+    """(B, M+E) float32 mean-sigmoid scores, rounded where SPEC §10 rounds; materialises
+    (B, n, M+E) (that is why it is the reference)."""
     allk = keys if extra_keys is None else torch.cat([keys, extra_keys])
-    sig = torch.sigmoid(queries.float() @ allk.float().T)  # (B, n, M+E)
+    dtype = queries.dtype
+    # In bf16/fp16 this is the authors' own expression: torch's low-precision GEMM accumulates in
+    # float32 and rounds once, and its sigmoid rounds to the dtype.
+    sig = torch.sigmoid(queries @ allk.T)  # (B, n, M+E), dtype
     if query_mask is None:
         w = torch.ones(queries.shape[:2], dtype=torch.float32, device=queries.device)
     else:
         w = query_mask.to(torch.float32)  # (B, n)
-    # no query at all (n = 0 or all masked): score 0, not 0/0
-    return (sig * w[:, :, None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    # The mean: a float32 sum, divided by the count, rounded once to the dtype. No query at all
+    # (n = 0 or all masked): score 0, not 0/0.
+    mean = (sig.float() * w[:, :, None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return mean.to(dtype).float()
 
 
 def retrieval_topk_reference(queries, keys, extra_keys=None, k: int = 1, query_mask=None):
@@ -83,8 +97,7 @@ def retrieval_topk_reference(queries, keys, extra_keys=None, k: int = 1, query_m
     if m < k:
         return cyclic_indices(m, k, batch, queries.device), queries.new_zeros((batch, k), dtype=torch.float32)
     scores = retrieval_scores_reference(queries, keys, extra_keys, query_mask)  # (B, M+E)
-    indices = retrieval_semantics.top_r_ascending(scores, k)  # ties: the lower index wins
-    return indices, torch.gather(scores, 1, indices)
+    return topk_ascending_reference(scores, k)  # ties: the lower index wins; indices ascending
 
 
 def _fake(queries, keys, extra_keys, k, query_mask=None):

@@ -93,21 +93,27 @@ def check(res, dtype, name):
 
 if __name__ != "__main__":
     import mplus_fast.ops  # noqa: F401
-    from mplus_fast.ops import build_info
     from mplus_fast.ops.attention import memory_attention_reference, merge_attention_states_reference
+    from mplus_fast.ops.testing import needs_native
 
     ATT = torch.ops.mplus_fast.memory_attention
     MERGE = torch.ops.mplus_fast.merge_attention_states
+    native_cpu = needs_native("memory_attention")
+    IMPLS = [pytest.param("native", marks=native_cpu), "reference"]
+    cuda_native = [pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"), needs_native("memory_attention", "cuda")]
 
+    def att_of(impl):
+        return ATT if impl == "native" else memory_attention_reference
+
+    @native_cpu
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
     @pytest.mark.parametrize("name", list(CASES))
     def test_parity_cpu(name, dtype):
         args = make_inputs(**CASES[name], dtype=dtype)
         check(compare(ATT(*args), memory_attention_reference(*args), dtype), dtype, name)
 
+    @native_cpu
     def test_native_cpu_kernels_are_registered():
-        if not build_info()["ext_loaded"]:
-            pytest.skip("native library not built")
         for op in ("memory_attention", "merge_attention_states"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mplus_fast::{op}", "CPU")
 
@@ -119,7 +125,7 @@ if __name__ != "__main__":
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(5, 14), scale=scale)
         torch.testing.assert_close(memory_attention_reference(q, kp, vp, None, None, None, kt, vt, None, scale)[0], want)
 
-    @pytest.mark.parametrize("impl", ["native", "reference"])
+    @pytest.mark.parametrize("impl", IMPLS)
     def test_merge_prefix_and_tail_equals_full(impl):
         att = ATT if impl == "native" else memory_attention_reference
         merge = MERGE if impl == "native" else merge_attention_states_reference
@@ -134,6 +140,7 @@ if __name__ != "__main__":
         torch.testing.assert_close(out, full[0], atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(lse, full[1], atol=5e-6, rtol=1e-6)
 
+    @needs_native("merge_attention_states")
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
     def test_merge_parity_and_empty_parts(dtype):
         g = torch.Generator().manual_seed(1)
@@ -148,14 +155,16 @@ if __name__ != "__main__":
         torch.testing.assert_close(lse, rl, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(out[0, 0, 0], ob[0, 0, 0])  # a empty: b passes through
 
-    def test_padding_queries_are_finite():
+    @pytest.mark.parametrize("impl", IMPLS)
+    def test_padding_queries_are_finite(impl):
         args = list(make_inputs(B=2, n=6, P_src=0))
         args[8] = torch.tensor([[False] * 3 + [True] * 3, [True] * 6])  # left padding, P = 0
-        out, lse = ATT(*args)
+        out, lse = att_of(impl)(*args)
         assert torch.isfinite(out).all()
         assert torch.isneginf(lse[0, :, :3]).all() and torch.isfinite(lse[0, :, 3:]).all()
         assert (out[0, :, :3] == 0).all()
 
+    @native_cpu
     @pytest.mark.parametrize("dims", [dict(B=0), dict(n=0), dict(P_src=0)], ids=str)
     def test_empty(dims):
         args = make_inputs(**dims)
@@ -179,12 +188,13 @@ if __name__ != "__main__":
         (dict(tmask=torch.ones(2, 6, dtype=torch.bool)), r"tail_mask must be bool of shape \(2, 7\)"),
         (dict(q=torch.randn(2, 4, 7, 16, dtype=torch.float64)), "q must be"),
     ])
-    def test_bad_arguments(change, match):
+    @pytest.mark.parametrize("impl", IMPLS)
+    def test_bad_arguments(impl, change, match):
         names = ["q", "kp", "vp", "idx", "pos", "freq", "kt", "vt", "tmask", "scale"]
         args = dict(zip(names, make_inputs(rope=True)))
         args.update(change)
         with pytest.raises((RuntimeError, ValueError), match=match):
-            ATT(*args.values())
+            att_of(impl)(*args.values())
 
     def test_triton_interpreter():
         """The Triton kernels on CPU under TRITON_INTERPRET=1 (float32, tiny shapes), in a subprocess."""
@@ -225,14 +235,16 @@ if __name__ != "__main__":
         triton.compile(ASTSource(fn=kernels._merge_fwd, signature=msig, constexprs={(7,): 128}),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
-    @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
     @pytest.mark.parametrize("name", list(CASES))
+    @cuda_native[0]
+    @cuda_native[1]
     def test_parity_cuda(name, dtype):
         args = make_inputs(**CASES[name], dtype=dtype, device="cuda")
         check(compare(ATT(*args), memory_attention_reference(*args), dtype), dtype, f"cuda[{name}]")
 
-    @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+    @cuda_native[0]
+    @needs_native("merge_attention_states", "cuda")
     def test_merge_cuda():
         o, l = ATT(*make_inputs(device="cuda", dtype=torch.bfloat16))
         got = MERGE(o, l, o.flip(2), l.flip(2))

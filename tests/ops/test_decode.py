@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mplus_fast.ops as ops
+import mplus_fast.ops  # noqa: F401
 from mplus_fast.ops.decode import decode_attention_reference, decode_gemv_reference
+from mplus_fast.ops.testing import needs_native
 
 # dtype -> (atol, rtol) against the reference computed in float64 and rounded to the dtype:
 # float32 accumulations of ≤ 3,000 terms; bf16/fp16 one rounding of the output (plus the
 # reference's own low-precision accumulation).
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
-NATIVE = ops.build_info()["ext_loaded"]
-native = pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")
 GEMV, ATT = torch.ops.mplus_fast.decode_gemv, torch.ops.mplus_fast.decode_attention
+native_gemv, native_att = needs_native("decode_gemv"), needs_native("decode_attention")
 
 
 def _close(actual, truth, dtype, what):
@@ -24,7 +24,7 @@ def _close(actual, truth, dtype, what):
                                rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-@native
+@native_gemv
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 7, 83), (3, 989, 130), (1, 64, 4096), (8, 83, 7), (2, 1024, 1536)])
 def test_gemv_parity(M, K, N, dtype):
@@ -35,7 +35,7 @@ def test_gemv_parity(M, K, N, dtype):
     _close(decode_gemv_reference(x, w), truth, dtype, "reference")
 
 
-@native
+@native_gemv
 def test_gemv_noncontiguous_and_empty():
     x = torch.randn(5, 40)[::2, :33]              # row stride 80
     w = torch.randn(60, 33).t()                   # (33, 60) column-major: made contiguous inside
@@ -62,7 +62,7 @@ def _att_truth(q, k, v, valid, scale):
     return s.softmax(-1) @ vv
 
 
-@native
+@native_att
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("B,Hq,Hkv,S,D", [(1, 1, 1, 1, 8), (1, 16, 4, 989, 64), (3, 6, 2, 83, 12), (2, 8, 8, 7, 32),
                                           (1, 32, 8, 3000, 128), (2, 4, 1, 600, 16)])
@@ -74,7 +74,7 @@ def test_attention_parity(B, Hq, Hkv, S, D, dtype):
     _close(decode_attention_reference(q, k, v, valid, scale), truth, dtype, "reference")
 
 
-@native
+@native_att
 def test_attention_noncontiguous_views():
     q, k, v, valid = _att_inputs(2, 8, 2, 300, 16, torch.float32)
     qv = torch.randn(2, 1, 8 * 16).view(2, 1, 8, 16).transpose(1, 2)   # split_heads layout
@@ -84,7 +84,7 @@ def test_attention_noncontiguous_views():
     torch.testing.assert_close(got, decode_attention_reference(qv, k2, v2, valid, 0.25), atol=1e-5, rtol=1e-5)
 
 
-@native
+@native_att
 def test_attention_row_with_no_valid_key_is_zero_like_sdpa():
     q, k, v, valid = _att_inputs(2, 4, 2, 50, 8, torch.float32)
     valid[1] = False
@@ -93,7 +93,7 @@ def test_attention_row_with_no_valid_key_is_zero_like_sdpa():
     torch.testing.assert_close(out, decode_attention_reference(q, k, v, valid, 0.3), atol=1e-6, rtol=1e-5)
 
 
-@native
+@native_att
 def test_attention_empty_batch():
     q, k, v, valid = _att_inputs(1, 4, 2, 10, 8, torch.float32)
     assert ATT(q[:0], k[:0], v[:0], valid[:0], 0.3).shape == (0, 4, 1, 8)
@@ -105,7 +105,7 @@ def test_opcheck():
     torch.library.opcheck(ATT.default, (*_att_inputs(1, 4, 4, 30, 8, torch.bfloat16), 0.25))
 
 
-@pytest.mark.parametrize("impl", [pytest.param(GEMV, marks=native), decode_gemv_reference])
+@pytest.mark.parametrize("impl", [pytest.param(GEMV, marks=native_gemv), decode_gemv_reference])
 @pytest.mark.parametrize("x,w,match", [
     (torch.randn(2, 3, 4), torch.randn(4, 5), "x must be"),
     (torch.randn(2, 4), torch.randn(3, 5), r"w must be \(K=4"),
@@ -124,7 +124,7 @@ def _bad(change):
     return args
 
 
-@pytest.mark.parametrize("impl", [pytest.param(ATT, marks=native), decode_attention_reference])
+@pytest.mark.parametrize("impl", [pytest.param(ATT, marks=native_att), decode_attention_reference])
 @pytest.mark.parametrize("change,match", [
     (lambda a: {"q": a["q"].expand(2, 8, 2, 16)}, r"q must be \(B, Hq, 1, D\)"),
     (lambda a: {"k": a["k"][:, :, :, :8], "v": a["v"][:, :, :, :8]}, "k must be"),

@@ -8,23 +8,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mplus_fast.ops as ops
+import mplus_fast.ops  # noqa: F401
 from mplus_fast.ops.gather import gather_rows_out_reference, gather_rows_reference
+from mplus_fast.ops.testing import needs_native
 
 TOLERANCE = {  # dtype -> (atol, rtol): a gather copies bytes, so exact for every dtype
     torch.float32: (0.0, 0.0), torch.bfloat16: (0.0, 0.0), torch.float16: (0.0, 0.0),
     torch.int64: (0.0, 0.0), torch.uint8: (0.0, 0.0), torch.bool: (0.0, 0.0),
 }
-NATIVE = ops.build_info()["ext_loaded"]
 CUDA = torch.cuda.is_available()
+native = needs_native("gather_rows")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+cuda_native = needs_native("gather_rows", "cuda")
 
 IMPLS = {
     "native": (torch.ops.mplus_fast.gather_rows, torch.ops.mplus_fast.gather_rows_out),
     "reference": (gather_rows_reference, gather_rows_out_reference),
 }
 impl_param = pytest.mark.parametrize("impl", [
-    pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")),
+    pytest.param("native", marks=native),
     "reference",
 ])
 
@@ -75,7 +77,7 @@ def test_parity_dtypes(impl, dtype):
     assert_same(gather(bank, index), bank[index], f"{impl} {dtype}")
 
 
-@pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")
+@native
 @pytest.mark.parametrize("m,row,dtype,r", [
     (2_000, (1_024,), torch.float32, 1_100),      # 4 KiB rows, 4.5 MB: streaming stores
     (70_000, (20,), torch.float32, 60_000),       # 80-byte rows: 64-byte blocks + a 16-byte tail
@@ -127,14 +129,14 @@ def test_empty_bank_and_index():
             gather(bank, torch.zeros(1, dtype=torch.long))
 
 
-@pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")
+@native
 def test_native_kernel_is_dispatched():
     # The CPU kernel must be the one running, not the CompositeExplicitAutograd reference.
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mplus_fast::gather_rows", "CPU")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mplus_fast::gather_rows_out", "CPU")
 
 
-@pytest.mark.skipif(not NATIVE, reason="mplus_fast._C not built")
+@native
 def test_native_gather_releases_the_gil():
     """Python keeps running while one long native gather runs on another thread."""
     import threading
@@ -222,6 +224,7 @@ def test_bad_bank_raises(impl):
 
 # ---- CUDA -----------------------------------------------------------------------------------------
 @needs_cuda
+@cuda_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8])
 @pytest.mark.parametrize("r", [0, 1, 7, 83, 989])
 def test_cuda_device_bank(dtype, r):
@@ -231,6 +234,7 @@ def test_cuda_device_bank(dtype, r):
 
 
 @needs_cuda
+@cuda_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("row", [(4096,), (2, 8, 128), (7,)])
 def test_cuda_zero_copy(dtype, row):
@@ -246,6 +250,7 @@ def test_cuda_zero_copy(dtype, row):
 
 
 @needs_cuda
+@cuda_native
 def test_cuda_errors():
     bank = make_bank(40, (3,), torch.float32)
     with pytest.raises(ValueError, match="pinned"):
@@ -257,6 +262,7 @@ def test_cuda_errors():
 
 
 @needs_cuda
+@cuda_native
 def test_cuda_opcheck():
     bank = make_bank(50, (2, 3), torch.float32, device="cuda")
     torch.library.opcheck(torch.ops.mplus_fast.gather_rows, (bank, torch.randint(0, 50, (3, 5), device="cuda")))

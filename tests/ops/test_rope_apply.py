@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import mplus_fast.ops  # noqa: F401  (defines the ops, loads the native library)
-from mplus_fast.ops import build_info
 from mplus_fast.ops.rope import rope_apply_reference
+from mplus_fast.ops.testing import needs_native
 
 OP = torch.ops.mplus_fast.rope_apply
 CUDA = torch.cuda.is_available()
@@ -61,6 +61,7 @@ CASES = [  # (B, H, S, D, batched positions, non-contiguous)
 ]
 
 
+@needs_native("rope_apply")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + ("-bpos" if c[4] else "") + ("-nc" if c[5] else ""))
 @pytest.mark.parametrize("scaling", [1.0, 1.2345])
@@ -82,9 +83,8 @@ def test_fp32_reference_is_hf_formula():
     torch.testing.assert_close(rope_apply_reference(x, pos, freq), x * cos + rot * sin, atol=0, rtol=0)
 
 
+@needs_native("rope_apply")
 def test_native_cpu_kernel_is_registered():
-    if not build_info()["ext_loaded"]:
-        pytest.skip("native library not built")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("mplus_fast::rope_apply", "CPU")
 
 
@@ -118,6 +118,7 @@ def test_bad_arguments(bad, match):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@needs_native("rope_apply", "cuda")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])))
 def test_parity_cuda(case, dtype):
