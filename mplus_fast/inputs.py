@@ -67,19 +67,21 @@ def resolve_device(device) -> torch.device:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """The compute dtype: float32, bfloat16 or float16, as a torch.dtype or its name ("bfloat16",
-    "torch.bfloat16"); None → float32 on the CPU, bfloat16 on a GPU."""
+    """The compute dtype: float32, bfloat16 or float16 (float64 too, for the reference backend's
+    gradient checks), as a torch.dtype or its name ("bfloat16", "torch.bfloat16"); None → float32
+    on the CPU, bfloat16 on a GPU."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    allowed = {**DTYPE_NAMES, "float64": torch.float64}
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
-        if name not in DTYPE_NAMES:
-            raise ValueError(f"dtype={dtype!r} is not one of {', '.join(map(repr, DTYPE_NAMES))}")
-        return DTYPE_NAMES[name]
+        if name not in allowed:
+            raise ValueError(f"dtype={dtype!r} is not one of {', '.join(map(repr, allowed))}")
+        return allowed[name]
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype={dtype!r} must be a torch.dtype or one of {', '.join(map(repr, DTYPE_NAMES))}")
-    if dtype not in DTYPE_NAMES.values():
-        raise ValueError(f"dtype={dtype} is not supported (float32, bfloat16 or float16)")
+        raise TypeError(f"dtype={dtype!r} must be a torch.dtype or one of {', '.join(map(repr, allowed))}")
+    if dtype not in allowed.values():
+        raise ValueError(f"dtype={dtype} is not supported (float32, bfloat16, float16; float64 with the reference backend)")
     return dtype
 
 

@@ -84,6 +84,9 @@ class MPlus:
             raise TypeError(f"seed={seed!r} must be an integer or None")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        if self.dtype == torch.float64 and backend != "reference":
+            raise ValueError(f"dtype=torch.float64 needs backend='reference' (the {backend} backend's kernels run "
+                             "float32, bfloat16 and float16)")
         self.age_mode = age_mode
         self.generation_config = dict(generation_config or {})
         cast = lambda t: t.to(device=self.device, dtype=self.dtype)

@@ -125,7 +125,7 @@ def test_dtype_names_are_accepted(tiny_ckpt, name, dtype):
 
 @pytest.mark.parametrize("dtype,exc,match", [("bf16", ValueError, "'bf16' is not one of 'float32', 'bfloat16', 'float16'"),
                                              (torch.int64, ValueError, "not supported"),
-                                             (torch.float64, ValueError, "not supported"),
+                                             (torch.float64, ValueError, "float64 needs backend='reference'"),
                                              (16, TypeError, "must be a torch.dtype")])
 def test_other_dtypes_are_refused_clearly(tiny_ckpt, dtype, exc, match):
     with pytest.raises(exc, match=match):
@@ -151,6 +151,10 @@ def test_a_cuda_index_past_the_device_count_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"has 2 CUDA device\(s\) \(cuda:0 … cuda:1\)"):
         resolve_device("cuda:2")
     assert resolve_device("cpu:0") == torch.device("cpu")
+
+
+def test_float64_runs_on_the_reference_backend(tiny_ckpt):
+    assert mplus_fast.load(tiny_ckpt, dtype="float64", backend="reference").dtype == torch.float64
 
 
 def test_dtype_default_follows_the_device():
