@@ -111,9 +111,11 @@ def demo(
 
 @app.command()
 @user_errors
-def inspect(ckpt: Path = typer.Argument(..., help="Checkpoint folder (config.json + safetensors).")):
+def inspect(ckpt: Path = typer.Argument(..., help="Checkpoint folder (config.json + safetensors), or a Hugging Face "
+                                                   "hub id resolved from the local hub cache.")):
     """Summarise a checkpoint: architecture, sizes, tensors and the state of its memory (no model is built)."""
-    config, tensors = load_checkpoint(ckpt)
+    from mplus_fast.hf.hub import resolve_checkpoint
+    config, tensors = load_checkpoint(resolve_checkpoint(ckpt))
     c = config
     lora = c.lora_config or {}
     tab = Table(title=f"{ckpt}", title_justify="left", show_header=False)
@@ -161,7 +163,7 @@ def _memory_rows(c, t: dict[str, torch.Tensor]) -> list[tuple[str, str]]:
 @app.command()
 @user_errors
 def generate(
-    ckpt: Path = typer.Argument(..., help="Checkpoint folder."),
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder, or a Hugging Face hub id resolved from the local hub cache."),
     prompt: Optional[str] = typer.Option(None, help="Prompt text (needs --tokenizer). No BOS is added: M+ has its own."),
     ids: Optional[str] = IDS, tokenizer: Optional[str] = TOKENIZER,
     max_new_tokens: int = typer.Option(32, help="Tokens to generate at most (stops early at EOS)."),
@@ -192,7 +194,7 @@ def generate(
 @app.command()
 @user_errors
 def inject(
-    ckpt: Path = typer.Argument(..., help="Checkpoint folder to read."),
+    ckpt: Path = typer.Argument(..., help="Checkpoint folder to read, or a Hugging Face hub id resolved from the local hub cache."),
     text: Optional[str] = typer.Option(None, help="Text to inject (needs --tokenizer)."),
     file: Optional[Path] = typer.Option(None, help="Text file to inject (needs --tokenizer)."),
     ids: Optional[str] = IDS, tokenizer: Optional[str] = TOKENIZER,
@@ -209,6 +211,9 @@ def inject(
     parse_device(device), parse_dtype(dtype)
     if sum([out is not None, in_place, memory is not None]) != 1:
         raise CLIError("give exactly one of --out DIR, --in-place or --memory FILE")
+    if in_place and not ckpt.is_dir():
+        raise CLIError(f"--in-place needs CKPT to be a local checkpoint folder; {ckpt} is not one (a hub id is read "
+                       "from the hub cache, which is never written): use --out DIR or --memory FILE")
     if chunk_tokens < 0:
         raise CLIError(f"--chunk-tokens {chunk_tokens} must be positive (or 0: the model's T)")
     if memory is not None and memory.suffix != ".safetensors":

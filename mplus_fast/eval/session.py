@@ -56,6 +56,8 @@ class ModelSource:
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, backend="fast", seed=0) -> "ModelSource":
+        from mplus_fast.hf.hub import resolve_checkpoint
+        path = resolve_checkpoint(path)          # a folder, or a hub id from the local hub cache
         config, tensors = load_checkpoint(path)
         gen = Path(path) / "generation_config.json"
         return cls(str(path), config, tensors, json.loads(gen.read_text()) if gen.is_file() else None,
