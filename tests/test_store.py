@@ -169,3 +169,31 @@ def test_memory_stats_gives_bytes_per_component(ckpt_factory):
     assert memory == sum(stats["memory_bytes_by_device"].values())
     assert parts["weights"]["device"] > 0 and parts["bank_kv"]["device"] > 0
     assert parts["pinned_staging"] == {"device": 0, "host": 0}
+
+
+def test_a_failing_update_leaves_the_store_as_it_was():
+    """Everything new is computed before anything is written: a retrieval key that fails (after
+    the draws and the new rows' columns) changes no row, no slot and no counter."""
+    store = MemoryStore.from_state(small_state(), CFG, base_layout(CFG, torch.float32, "cpu"), NoDerived(key_fn))
+    g = torch.Generator().manual_seed(5)
+    update(store, torch.randn(CFG.num_hidden_layers, CFG.num_tokens, CFG.hidden_size, generator=g), g, NoDerived(key_fn))
+    before = store.view().clone()
+
+    def broken(l, rows):
+        raise RuntimeError("key projection failed")
+    delta = torch.randn(CFG.num_hidden_layers, CFG.num_tokens, CFG.hidden_size, generator=g)
+    try:
+        update(store, delta, g, NoDerived(broken))
+    except RuntimeError as exc:
+        assert "key projection failed" in str(exc)
+    else:
+        raise AssertionError("the update should have failed")
+    after = store.view()
+    for name, value in before.__dict__.items():
+        got = getattr(after, name)
+        if isinstance(value, list):
+            assert all(torch.equal(a, b) for a, b in zip(value, got)), name
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, got), name
+        else:
+            assert value == got, name
