@@ -363,11 +363,10 @@ class MPlus:
         seen = set()
         backend_weights = getattr(self.backend, "weight_tensors", lambda: ())()
         for t in [*self.weights.to_tensors_flat(), *backend_weights]:
-            storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
+            key, nbytes = _storage_key(t)
             if key not in seen:
                 seen.add(key)
-                out["weights"][side(t.device)] += storage.nbytes()
+                out["weights"][side(t.device)] += nbytes
         for name, per_device in self.backend.memory_bytes().items():
             for dev, n in per_device.items():
                 out[name][side(dev)] += n
@@ -379,3 +378,16 @@ class MPlus:
         return (f"MPlus({c.architecture}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"stm={c.stm_size}, R={c.ltm_retrieved}, ltm={self.backend.counts()['ltm_sizes'][:1]}..., "
                 f"device={self.device}, dtype={self.dtype}, backend={self.backend_name})")
+
+
+def _storage_key(t: torch.Tensor) -> tuple[tuple, int]:
+    """(identity, bytes) of the memory under `t`: views of one storage count once. Tensors without
+    a readable storage (meta, tensor subclasses) count as themselves."""
+    try:
+        storage = t.untyped_storage()
+        if storage.data_ptr():
+            return (str(t.device), storage.data_ptr()), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        pass
+    return (str(t.device), id(t)), t.numel() * t.element_size()
+
