@@ -1,4 +1,8 @@
-"""The memory state of M+ / MemoryLLM and its update rules (SPEC §2, §5, §7).
+"""The memory state of M+ / MemoryLLM in the reference layout, and the update's decisions (SPEC §2, §5, §7).
+
+`MemoryState` is the exchange layout (checkpoints, `model.state`, `Memory` objects); the memory
+itself lives in `mplus_fast.store.MemoryStore`, whose `update` / `merge` are the one
+implementation of SPEC §5 (`apply_update` / `merge_pending` here run them over a state).
 
 Per layer l:
   STM      `stm[l]` (N, d) in logical order (order fixes RoPE positions), `stm_ages[l]` (N,),
@@ -80,9 +84,10 @@ class MemoryState:
 class UpdateRecord:
     """What one update did (for tests, the CLI and the fast backend's bookkeeping)."""
     injection_id: int
-    dropped: torch.Tensor   # (L, T) logical STM positions dropped, ascending
+    dropped: torch.Tensor   # (L, T) logical STM positions dropped, as drawn (ascending)
     merged: bool
     pruned: list[int]       # per layer: tokens removed by pruning at this merge
+    slots: torch.Tensor | None = None   # (L, T) physical STM slot each new row landed in (the op's answer)
 
 
 def randperm_split(n: int, t: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,54 +109,12 @@ def tile_to(delta: torch.Tensor, n: int) -> torch.Tensor:
 
 def apply_update(state: MemoryState, config: MPlusConfig, delta: torch.Tensor, generator: torch.Generator,
                  key_fn: Callable[[int, torch.Tensor], torch.Tensor] | None, age_mode: str = "inference") -> UpdateRecord:
-    """Write `delta` (L, T, d) into the memory (SPEC §5). `key_fn(l, rows)` = key_proj(input_layernorm(rows))."""
-    if age_mode not in AGE_MODES:
-        raise ValueError(f"age_mode={age_mode!r} is not one of {AGE_MODES}")
-    L, T, _ = delta.shape
-    N = state.stm.shape[1]
-    inj = state.next_injection_id
-    state.next_injection_id += 1
-
-    if not state.initialized:  # MemoryLLM: the first write fills the whole pool
-        state.stm = torch.stack([tile_to(delta[l], N) for l in range(L)]).to(state.stm.dtype)
-        state.stm_ages.zero_()
-        state.stm_prov.fill_(inj)
-        state.initialized = True
-        return UpdateRecord(inj, torch.empty(L, 0, dtype=torch.int64), False, [0] * L)
-
-    new_ages = torch.arange(T - 1, -1, -1, dtype=torch.int64, device=state.stm_ages.device)
-    stm, ages, prov, dropped_idx = [], [], [], []
-    dropped_rows, dropped_ages, dropped_prov = [], [], []
-    for l in range(L):
-        if age_mode == "training":  # the reference's training code ages the STM before each drop
-            state.stm_ages[l] += T
-        keep, drop = randperm_split(N, T, generator)
-        keep_d, drop_d = keep.to(state.stm.device), drop.to(state.stm.device)
-        dropped_idx.append(drop)
-        dropped_rows.append(state.stm[l, drop_d])
-        dropped_ages.append(state.stm_ages[l, drop_d])
-        dropped_prov.append(state.stm_prov[l, drop_d])
-        stm.append(torch.cat([state.stm[l, keep_d], delta[l].to(state.stm.dtype)]))
-        ages.append(torch.cat([state.stm_ages[l, keep_d], new_ages]))
-        prov.append(torch.cat([state.stm_prov[l, keep_d], torch.full((T,), inj, dtype=torch.int64, device=state.stm_prov.device)]))
-    state.stm, state.stm_ages, state.stm_prov = torch.stack(stm), torch.stack(ages), torch.stack(prov)
-    record = UpdateRecord(inj, torch.stack(dropped_idx), False, [0] * L)
-    if not config.is_mplus:
-        return record
-
-    # Everything already in the LTM or the pending buffer gets T older, then the dropped tokens
-    # (with their STM ages and freshly computed retrieval keys) join the pending buffer.
-    for l in range(L):
-        state.ltm_ages[l] += T
-        state.pend_ages[l] += T
-        state.pend[l] = torch.cat([state.pend[l], dropped_rows[l]])
-        state.pend_keys[l] = torch.cat([state.pend_keys[l], key_fn(l, dropped_rows[l]).to(state.pend_keys[l].dtype)])
-        state.pend_ages[l] = torch.cat([state.pend_ages[l], dropped_ages[l]])
-        state.pend_prov[l] = torch.cat([state.pend_prov[l], dropped_prov[l]])
-    state.update_step += T
-    if state.update_step >= config.update_ltm_frequency * config.num_tokens:
-        record.merged = True
-        record.pruned = merge_pending(state, config)
+    """Write `delta` (L, T, d) into `state` (SPEC §5), in place: the store's update
+    (`mplus_fast.store.update`) run over this state. `key_fn(l, rows)` = key_proj(input_layernorm(rows))."""
+    from mplus_fast.store import NoDerived, update
+    store = _store_of(state, config)
+    record = update(store, delta, generator, NoDerived(key_fn), age_mode)
+    _write_back(store, state)
     return record
 
 
@@ -166,24 +129,22 @@ def prune_decision(rf: torch.Tensor, R: int, decay: float) -> tuple[torch.Tensor
 
 
 def merge_pending(state: MemoryState, config: MPlusConfig) -> list[int]:
-    """Move the pending buffer into the LTM, decay recall frequencies, prune (SPEC §5)."""
-    R, decay = config.ltm_retrieved, float(config.decay_frequency)
-    pruned = []
-    for l in range(state.num_layers):
-        c = state.pend[l].shape[0]
-        rf_new = torch.full((c,), float(config.initial_rf_when_moving_stm_to_ltm), dtype=torch.float64, device=state.ltm_rf[l].device)
-        ltm = torch.cat([state.ltm[l], state.pend[l].to(state.ltm[l].dtype)])
-        keys = torch.cat([state.ltm_keys[l], state.pend_keys[l].to(state.ltm_keys[l].dtype)])
-        ages = torch.cat([state.ltm_ages[l], state.pend_ages[l]])
-        prov = torch.cat([state.ltm_prov[l], state.pend_prov[l]])
-        rf, survivors = prune_decision(torch.cat([state.ltm_rf[l], rf_new]), R, decay)
-        pruned.append(0 if survivors is None else ltm.shape[0] - survivors.numel())
-        if survivors is not None:
-            ltm, keys, ages, prov = ltm[survivors], keys[survivors], ages[survivors], prov[survivors]
-        state.ltm[l], state.ltm_keys[l], state.ltm_ages[l], state.ltm_prov[l], state.ltm_rf[l] = ltm, keys, ages, prov, rf
-        state.pend[l] = state.pend[l][:0]
-        state.pend_keys[l] = state.pend_keys[l][:0]
-        state.pend_ages[l] = state.pend_ages[l][:0]
-        state.pend_prov[l] = state.pend_prov[l][:0]
-    state.update_step = 0
+    """Move the pending buffer into the LTM, decay recall frequencies, prune (SPEC §5), in place:
+    the store's merge (`mplus_fast.store.merge`) run over this state."""
+    from mplus_fast.store import merge
+    store = _store_of(state, config)
+    pruned = merge(store)
+    _write_back(store, state)
     return pruned
+
+
+def _store_of(state: MemoryState, config: MPlusConfig):
+    from mplus_fast.store import MemoryStore, NoDerived, base_layout
+    return MemoryStore.from_state(state, config, base_layout(config, state.stm.dtype, state.stm.device), NoDerived(None))
+
+
+def _write_back(store, state: MemoryState) -> None:
+    """`state`'s fields replaced by the store's rows (logical STM order, and the slot layout)."""
+    view = store.view()
+    for name in state.__dict__:
+        setattr(state, name, getattr(view, name))

@@ -123,12 +123,16 @@ class MPlus:
         return model
 
     def _state_from_tensors(self, t: dict[str, torch.Tensor]) -> MemoryState:
-        c, dev, dt = self.config, self.device, self.dtype
+        """The memory of a checkpoint's tensors in the reference layout, left where the tensors are
+        (the host, for a loaded checkpoint) and in their dtype: the backend's store copies each
+        column once, to where its layout keeps it (so with ltm_placement="host" the LTM hidden
+        states and K/V never reach the device)."""
+        c = self.config
         L, N = c.num_hidden_layers, c.stm_size
-        i64 = dict(dtype=torch.int64, device=dev)
+        i64 = dict(dtype=torch.int64)
         get = lambda name, default: t[name] if name in t else default
         st = MemoryState(
-            stm=t["memory"].to(dev, dt),
+            stm=t["memory"],
             stm_ages=torch.stack([get(f"memory_ages.{i}", torch.zeros(N)).to(**i64) for i in range(L)]),
             stm_prov=get(f"{OURS}stm_provenance", torch.full((L, N), -1)).to(**i64),
             update_step=int(get("update_step", torch.tensor(0))),
@@ -141,13 +145,13 @@ class MPlus:
         s = c.selector_hidden_dim
         for i in range(L):
             n = t[f"ltm.{i}"].shape[0]
-            st.ltm.append(t[f"ltm.{i}"].to(dev, dt))
-            st.ltm_keys.append(t[f"ltm_keys.{i}"].to(dev, dt))
-            st.ltm_ages.append(t[f"ltm_ages.{i}"].to(torch.int64).to(dev))  # stored as floats: truncate
-            st.ltm_rf.append(t[f"ltm_recall_frequencies.{i}"].to(dev, torch.float64))
+            st.ltm.append(t[f"ltm.{i}"])
+            st.ltm_keys.append(t[f"ltm_keys.{i}"])
+            st.ltm_ages.append(t[f"ltm_ages.{i}"].to(**i64))  # stored as floats: truncate
+            st.ltm_rf.append(t[f"ltm_recall_frequencies.{i}"].to(torch.float64))
             st.ltm_prov.append(get(f"{OURS}ltm_provenance.{i}", torch.full((n,), -1)).to(**i64))
-            st.pend.append(get(f"cached_dropped_memories.{i}", torch.zeros(0, c.hidden_size)).to(dev, dt))
-            st.pend_keys.append(get(f"cached_dropped_keys.{i}", torch.zeros(0, s)).to(dev, dt))
+            st.pend.append(get(f"cached_dropped_memories.{i}", torch.zeros(0, c.hidden_size)))
+            st.pend_keys.append(get(f"cached_dropped_keys.{i}", torch.zeros(0, s)))
             c_len = st.pend[-1].shape[0]
             st.pend_ages.append(get(f"cached_dropped_memory_ages.{i}", torch.zeros(c_len)).to(**i64))
             st.pend_prov.append(get(f"{OURS}pending_provenance.{i}", torch.full((c_len,), -1)).to(**i64))
@@ -217,8 +221,10 @@ class MPlus:
     @property
     @serialised(nestable=True)
     def state(self) -> MemoryState:
-        """The memory in the reference layout (logical STM order, per-layer LTM and pending tensors).
-        With the fast backend this is a materialised snapshot: read it, do not mutate it."""
+        """The memory in the reference layout (logical STM order, per-layer LTM and pending tensors):
+        views of the live rows where the store keeps them (the LTM hidden states of the fast backend
+        on the host), no copy but the STM gathered into logical order. Valid until the next update:
+        read it, do not mutate it; `.clone()` it (or `snapshot()`) to keep it."""
         return self.backend.memory_state()
 
     # ------------------------------------------------------------------ generation
@@ -338,11 +344,50 @@ class MPlus:
             "initialized": st["initialized"],
             "memory_bytes_by_device": self.backend.memory_bytes_by_device(),
             "weight_bytes": self.weights.nbytes(),
+            "bytes": self._bytes_by_component(),
         }
         return stats
+
+    MEMORY_COMPONENTS = ("weights", "stm", "bank_kv", "retrieval_keys", "hidden_states", "bank_meta",
+                         "pinned_staging", "decode_cache")
+
+    def _bytes_by_component(self) -> dict[str, dict[str, int]]:
+        """{component: {"device": bytes, "host": bytes}} allocated now: "device" is the compute
+        device, "host" CPU memory besides it (on a CPU model everything is "device"). Weights count
+        each storage once (the fused copies and their views, the originals kept for saving);
+        `stm` is every STM column (hidden states, K/V, ages, provenance, slot order),
+        `hidden_states` the LTM and pending ones, `bank_meta` their ages, recall frequencies and
+        provenance. The decode cache lives only during a `generate` call (0 between calls)."""
+        out = {name: {"device": 0, "host": 0} for name in self.MEMORY_COMPONENTS}
+        side = lambda dev: "device" if torch.device(dev) == self.device else "host"
+        seen = set()
+        backend_weights = getattr(self.backend, "weight_tensors", lambda: ())()
+        for t in [*self.weights.to_tensors_flat(), *backend_weights]:
+            key, nbytes = _storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                out["weights"][side(t.device)] += nbytes
+        for name, per_device in self.backend.memory_bytes().items():
+            for dev, n in per_device.items():
+                out[name][side(dev)] += n
+        out["pinned_staging"]["host"] += getattr(self.backend, "pinned_bytes", lambda: 0)()
+        return out
 
     def __repr__(self) -> str:
         c = self.config
         return (f"MPlus({c.architecture}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"stm={c.stm_size}, R={c.ltm_retrieved}, ltm={self.backend.counts()['ltm_sizes'][:1]}..., "
                 f"device={self.device}, dtype={self.dtype}, backend={self.backend_name})")
+
+
+def _storage_key(t: torch.Tensor) -> tuple[tuple, int]:
+    """(identity, bytes) of the memory under `t`: views of one storage count once. Tensors without
+    a readable storage (meta, tensor subclasses) count as themselves."""
+    try:
+        storage = t.untyped_storage()
+        if storage.data_ptr():
+            return (str(t.device), storage.data_ptr()), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        pass
+    return (str(t.device), id(t)), t.numel() * t.element_size()
+

@@ -1,9 +1,9 @@
-"""Backends do the arithmetic behind `MPlus`; they own the memory in their own layout.
+"""Backends do the arithmetic behind `MPlus`, as compute over one memory store (mplus_fast/store.py).
 
 | name | what |
 | --- | --- |
-| reference | the authors' computation in plain PyTorch (parity truth) |
-| fast | memory kept as cached keys/values, slotted STM, growable LTM bank, native ops |
+| reference | the authors' computation in plain PyTorch (parity truth): K/V recomputed from hidden rows |
+| fast | K/V cached as a store column, fused projections, native ops (module map in backends/fast.py) |
 """
 from __future__ import annotations
 

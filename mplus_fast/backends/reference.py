@@ -6,25 +6,17 @@ is measured and checked against, and it runs on any device torch supports.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mplus_fast import layers as F_
 from mplus_fast.kvcache import KVCache
-from mplus_fast.memory import MemoryState, UpdateRecord, apply_update
+from mplus_fast.backends.result import ReadResult
+from mplus_fast.memory import MemoryState, UpdateRecord
 from mplus_fast.profiling import nvtx_range
 from mplus_fast.retrieval import select_ltm_rows
 from mplus_fast.rope import apply_rope
+from mplus_fast.store import MemoryStore, NoDerived, base_layout, bytes_by_device, update
 from mplus_fast.weights import reading_adapter, writing_adapter
-
-
-@dataclass
-class ReadResult:
-    logits: torch.Tensor                 # (B, n, V) float32 (or (B, 1, V) when last_only)
-    ltm_indices: list[torch.Tensor]      # per layer (B, R') placement order, [LTM; pending] numbering
-    ltm_provenance: list[torch.Tensor]   # per layer (B, R') injection ids of those rows
-    cache: KVCache | None
 
 
 class ReferenceBackend:
@@ -32,25 +24,40 @@ class ReferenceBackend:
 
     def __init__(self, model, state: MemoryState):
         self.m = model
-        self.state = state
+        self.load_state(state)
+
+    # ------------------------------------------------------------------ the memory (mplus_fast.store)
+    def load_state(self, state: MemoryState) -> None:
+        """Make `state` the memory (copied into the store, every column on the compute device)."""
+        layout = base_layout(self.cfg, self.m.dtype, self.m.device)
+        self.store = MemoryStore.from_state(state, self.cfg, layout, NoDerived(self.retrieval_keys))
+
+    @property
+    def state(self) -> MemoryState:
+        """The memory in the reference layout: views of the store (valid until the next update)."""
+        return self.store.view()
+
+    @state.setter
+    def state(self, state: MemoryState) -> None:
+        self.load_state(state)
 
     def memory_state(self) -> MemoryState:
-        return self.state
+        return self.store.view()
 
     def memory_bytes_by_device(self) -> dict:
-        return self.state.bytes_by_device()
+        return bytes_by_device(self.store.nbytes())
+
+    def memory_bytes(self) -> dict:
+        return self.store.nbytes()
 
     def counts(self) -> dict:
-        st = self.state
+        st = self.store
         return {"ltm_sizes": st.ltm_sizes(), "pending": st.pending_len(), "update_step": st.update_step,
                 "injections": st.next_injection_id, "initialized": st.initialized}
 
     def update(self, delta: torch.Tensor) -> UpdateRecord:
-        """Apply one update to a copy of the state, then swap it in: an error cannot leave a half-updated memory."""
-        new_state = self.state.clone()
-        record = apply_update(new_state, self.cfg, delta, self.m.generator, self.retrieval_keys, self.m.age_mode)
-        self.state = new_state
-        return record
+        """SPEC §5 by the store's one update; an error leaves the memory as it was."""
+        return update(self.store, delta, self.m.generator, NoDerived(self.retrieval_keys), self.m.age_mode)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -102,7 +109,7 @@ class ReferenceBackend:
         """Training hooks (`mplus_fast.training`): `query_mask` (B, n) bool limits the tokens whose
         queries choose the LTM rows (a teacher-forced question + answer retrieves by the question
         alone, as generate's prefill does); `observe(l, x)` sees each layer's input hidden states."""
-        m, c, st = self.m, self.cfg, self.state
+        m, c, st = self.m, self.cfg, self.store.view()
         B, n = ids.shape
         dev = ids.device
         adapter = reading_adapter(c)
@@ -169,8 +176,9 @@ class ReferenceBackend:
     # ------------------------------------------------------------------ writing (§5)
     def inject(self, ids: torch.Tensor) -> torch.Tensor:
         """New memory (L, T, d) from one context ids (m,) (no padding), memory unchanged."""
-        m, c, st = self.m, self.cfg, self.state
+        m, c = self.m, self.cfg
         T, mlen = c.num_tokens, ids.shape[0]
+        stm_tail = self.store.stm.at("hidden", self.store.stm.order[:, -T:])  # (L, T, d): the last T STM tokens
         adapter = writing_adapter(c)
         dev = ids.device
         x = m.weights.embed[ids][None]                     # (1, m, d)
@@ -180,7 +188,7 @@ class ReferenceBackend:
         deltas = []
         for l, layer in enumerate(m.weights.layers):
             with nvtx_range(f"reference.inject.layer{l}"):
-                seq = torch.cat([m.weights.bos[l].view(1, 1, -1), st.stm[l, -T:].to(x.dtype)[None], x], dim=1)
+                seq = torch.cat([m.weights.bos[l].view(1, 1, -1), stm_tail[l].to(x.dtype)[None], x], dim=1)
                 seq = torch.cat([seq[:, :-T], seq[:, -T:] + m.weights.new_memory_pos], dim=1)
                 p_len = seq.shape[1] - n_query
                 h = F_.rms_norm(seq, layer.input_norm, c.rms_norm_eps)

@@ -5,7 +5,7 @@
 | gather_rows / gather_rows_out | gather | out = bank[index] for rows of a (pinned, CPU or GPU) bank; CPU threads, CUDA + zero-copy kernel |
 | retrieval_topk | retrieval | top-k LTM keys by mean over queries of sigmoid(q·key), [keys; pending] |
 | topk_ascending | topk | the k largest scores per row (ties: lower index) in index order, by selection (no sort) |
-| stm_update_ | insertion | STM update in O(T·d): new rows into dropped slots, logical order updated in place |
+| stm_update_ | insertion | STM update in O(T·d): new rows into dropped slots, logical order updated in place (the engine's store does its own slot assignment, mplus_fast/store.py) |
 | rope_apply | rope | HF-Llama RoPE at arbitrary per-row positions (any variant via inv_freq) |
 | memory_attention | attention | queries over [prefix rows (gathered, RoPE on load), causal tail], GQA, returns out + lse |
 | merge_attention_states | attention | exact log-sum-exp merge of two partial attentions |

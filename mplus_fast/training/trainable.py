@@ -17,7 +17,6 @@ tensors are refreshed from them (`MasterWeights`).
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import torch
 
@@ -129,13 +128,7 @@ class TrainableMPlus:
 
     def detach_memory(self) -> None:
         """Cut the memory from the graph of the previous step (values unchanged)."""
-        st = self.state
-        for f in fields(st):
-            v = getattr(st, f.name)
-            if isinstance(v, torch.Tensor):
-                setattr(st, f.name, v.detach())
-            elif isinstance(v, list):
-                setattr(st, f.name, [t.detach() for t in v])
+        self.backend.store.detach_()
 
     # ------------------------------------------------------------------ the retriever's view
     def bank(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
