@@ -92,7 +92,8 @@ class MPlus:
         cast = lambda t: t.to(device=self.device, dtype=self.dtype)
         self.weights = Weights.from_tensors(config, tensors).map(cast)
         # bf16/fp16 parity: the reference casts RoPE's inverse frequencies along with the model.
-        self.rope = RotaryEmbedding(config, round_inv_freq_to=None if self.dtype == torch.float32 else self.dtype)
+        self.rope = RotaryEmbedding(config, round_inv_freq_to=None if self.dtype == torch.float32 else self.dtype,
+                                    device=self.device)
         state = self._state_from_tensors(tensors)
         self.generator = torch.Generator(device="cpu")
         if seed is None:

@@ -8,7 +8,8 @@ CPU run). Every ATen op on such tensors goes through `_dispatch`, which enforces
 the CPU does not:
   * device mixing: an op that takes a "cuda" tensor and a CPU tensor of one element or more fails
     with CUDA's own message (CPU 0-dim scalars, CPU index tensors and cross-device copies are
-    allowed, as on CUDA); a "cuda" factory drawing from a CPU generator fails too;
+    allowed, as on CUDA); `torch.Generator("cuda")` works, but which device a factory's generator
+    is on is not checked (the dispatcher hands over a plain Generator);
   * the mplus_fast ops run their registered fake kernel first, i.e. their Python argument checks
     see the "cuda" tensors (a CPU `inv_freq` next to "cuda" queries is reported there);
   * CUDA graphs: `torch.cuda.graph(g)` records the ops of its body instead of executing them
@@ -154,6 +155,10 @@ class StandinGenerator(torch.Generator):
     def device(self):
         return torch.device("cuda", 0) if self._standin_device.type == "cuda" else self._standin_device
 
+    def manual_seed(self, seed):
+        super().manual_seed(seed)
+        return self            # (the binding returns a plain Generator)
+
 
 class _Capture:
     def __init__(self, graph):
@@ -240,10 +245,6 @@ class _Sim:
             raise CaptureError(f"{name}: a copy to the host inside a CUDA graph capture (a host sync)")
         if on_device and func in HOST_SYNC_OPS:
             self.syncs_outside_capture += 1
-        gen = kwargs.get("generator")
-        if to_device and gen is not None and gen.device.type != "cuda":
-            raise RuntimeError(f"Expected a 'cuda' device type for generator but found '{gen.device.type}' "
-                               f"({name}) [cuda stand-in]")
         inner_kwargs = dict(kwargs)
         if to_device:
             inner_kwargs[FACTORY_KWARG] = CPU
@@ -454,6 +455,11 @@ def _cuda(self, device=None, non_blocking=False, **_):
     return _to(self, CUDA, non_blocking=non_blocking)
 
 
+def _record_stream(self, stream):
+    if not isinstance(stream, StandinStream) or not _is_standin(self):
+        raise RuntimeError(f"record_stream: a cuda tensor and a stream, got {type(self).__name__} and {stream!r}")
+
+
 def _pin_memory(self, *_, **__):
     return _SIM.pin(self.clone())
 
@@ -463,6 +469,13 @@ def _is_pinned(self, *_, **__):
 
 
 _ORIGINAL: dict = {}
+
+
+def _thread_run(self):
+    """Threads started under the stand-in (the prefetch worker) see it too: dispatch modes are
+    per thread."""
+    with _FactoryMode():
+        _ORIGINAL["run"](self)
 
 CUDA_PATCHES = {
     "is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
@@ -488,8 +501,9 @@ def cuda_standin():
     patched += [(torch.cuda.nvtx, "range_push", lambda *_: None), (torch.cuda.nvtx, "range_pop", lambda: None),
                 (torch, "Generator", StandinGenerator), (torch, "tensor", _tensor), (torch, "as_tensor", _as_tensor),
                 (torch.Tensor, "pin_memory", _pin_memory), (torch.Tensor, "is_pinned", _is_pinned),
-                (torch.Tensor, "to", _to), (torch.Tensor, "cuda", _cuda)]
-    _ORIGINAL["tensor"], _ORIGINAL["to"] = torch.tensor, torch.Tensor.to
+                (torch.Tensor, "to", _to), (torch.Tensor, "cuda", _cuda),
+                (torch.Tensor, "record_stream", _record_stream), (threading.Thread, "run", _thread_run)]
+    _ORIGINAL["tensor"], _ORIGINAL["to"], _ORIGINAL["run"] = torch.tensor, torch.Tensor.to, threading.Thread.run
     # A no-op CUDA device guard where the build has none (what FakeTensorMode does too): the
     # Python bindings of many ops guard the device of their operands before dispatching.
     torch._C._ensureCUDADeviceGuardSet()
