@@ -140,11 +140,16 @@ class MPlus:
         if not c.is_mplus:
             return st
         s = c.selector_hidden_dim
+        # SPEC §10: the authors keep ltm_ages in the model dtype, so their bf16/fp16 load rounds
+        # them (267 and 269 -> 268) before truncation. A checkpoint saved by mplus_fast holds the
+        # ages the model had (rounded at its first load, then integers): those load as they are.
+        round_ages = dt in (torch.bfloat16, torch.float16) and f"{OURS}next_injection_id" not in t
         for i in range(L):
             n = t[f"ltm.{i}"].shape[0]
             st.ltm.append(t[f"ltm.{i}"].to(dev, dt))
             st.ltm_keys.append(t[f"ltm_keys.{i}"].to(dev, dt))
-            st.ltm_ages.append(t[f"ltm_ages.{i}"].to(torch.int64).to(dev))  # stored as floats: truncate
+            ages = t[f"ltm_ages.{i}"].to(dt) if round_ages else t[f"ltm_ages.{i}"]
+            st.ltm_ages.append(ages.to(torch.int64).to(dev))  # stored as floats: truncate
             st.ltm_rf.append(t[f"ltm_recall_frequencies.{i}"].to(dev, torch.float64))
             st.ltm_prov.append(get(f"{OURS}ltm_provenance.{i}", torch.full((n,), -1)).to(**i64))
             st.pend.append(get(f"cached_dropped_memories.{i}", torch.zeros(0, c.hidden_size)).to(dev, dt))
