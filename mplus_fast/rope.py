@@ -103,6 +103,30 @@ class RotaryEmbedding:
         self.cached_len = int(state["cached_len"])
 
 
+_NATIVE_CPU: bool | None = None
+
+
+def _native_cpu_kernel() -> bool:
+    """Whether mplus_fast._C's CPU rope_apply is loaded (looked up once; imported late, as the
+    op module imports this one)."""
+    global _NATIVE_CPU
+    if _NATIVE_CPU is None:
+        import mplus_fast.ops  # noqa: F401  (loads the native library)
+        from mplus_fast.ops._library import has_native_kernel
+        _NATIVE_CPU = has_native_kernel("rope_apply", "cpu")
+    return _NATIVE_CPU
+
+
+def engine_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """The fast backend's RoPE: the native `rope_apply` where it is measured faster than
+    `apply_rope` (the CPU in float32: bench/results/ops-cpu-2026-12-01.md), `apply_rope` elsewhere
+    (bf16 on the CPU, where the kernel is slower for large tensors; CUDA, not measured yet). Same
+    semantics (HF Llama); the kernel's float32 cos/sin may differ from torch's by an ulp."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and _native_cpu_kernel():
+        return torch.ops.mplus_fast.rope_apply(x, positions, inv_freq, scaling)
+    return apply_rope(x, positions, inv_freq, scaling)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
