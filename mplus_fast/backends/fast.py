@@ -35,7 +35,7 @@ from mplus_fast.ops.decode import decode_attention as decode_attention_op
 from mplus_fast.ops.decode import decode_attention_reference, decode_gemv
 from mplus_fast.ops.retrieval import retrieval_topk
 from mplus_fast.ops.insertion import stm_update_
-from mplus_fast.rope import apply_rope
+from mplus_fast.rope import engine_rope as apply_rope   # the native kernel where measured faster
 from mplus_fast.rowbuffer import RowBuffer
 from mplus_fast.weights import reading_adapter, writing_adapter
 
