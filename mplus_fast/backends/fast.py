@@ -33,6 +33,7 @@ from mplus_fast.profiling import nvtx_range
 from mplus_fast.ops.attention import memory_attention, merge_attention_states
 from mplus_fast.ops.decode import decode_attention as decode_attention_op
 from mplus_fast.ops.decode import decode_attention_reference, decode_gemv
+from mplus_fast.ops.gather import take_rows
 from mplus_fast.ops.retrieval import retrieval_topk
 from mplus_fast.ops.insertion import stm_update_
 from mplus_fast.rope import engine_rope as apply_rope   # the native kernel where measured faster
@@ -656,7 +657,7 @@ def fill_pending(rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Tensor,
 
 def gather_split(bank_rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Tensor, n_l: int) -> torch.Tensor:
     """Rows of [bank_rows; pend_rows] at idx without concatenating the (large) bank."""
-    return fill_pending(bank_rows[idx.clamp(max=n_l - 1)], pend_rows, idx, n_l)
+    return fill_pending(take_rows(bank_rows, idx.clamp(max=n_l - 1)), pend_rows, idx, n_l)
 
 DECODE_ROWS = 8   # x @ w with at most this many rows (a decode step's batch) is a GEMV
 
