@@ -504,9 +504,6 @@ def cuda_standin():
                 (torch.Tensor, "to", _to), (torch.Tensor, "cuda", _cuda),
                 (torch.Tensor, "record_stream", _record_stream), (threading.Thread, "run", _thread_run)]
     _ORIGINAL["tensor"], _ORIGINAL["to"], _ORIGINAL["run"] = torch.tensor, torch.Tensor.to, threading.Thread.run
-    # A no-op CUDA device guard where the build has none (what FakeTensorMode does too): the
-    # Python bindings of many ops guard the device of their operands before dispatching.
-    torch._C._ensureCUDADeviceGuardSet()
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patched]
     for obj, name, value in patched:
         setattr(obj, name, value)
