@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-KEYS = ("achieved_tflops", "achieved_gbps", "per_token_ms_with_prefill", "peak_gpu_gb", "resident_gpu_gb",
+KEYS = ("achieved_tflops", "achieved_gbps", "per_token_ms_with_prefill", "decode_per_token_ms", "capture_s",
+        "captures_while_timing", "peak_gpu_gb", "resident_gpu_gb",
         "build_peak_gpu_gb", "build_s")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 
@@ -24,6 +25,8 @@ from mplus_fast.sampling import exponential_noise, filter_logits
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2   # eager steps on the capture stream before capturing (cuBLAS/allocator set-up)
+MIN_REPLAYS = 4    # capture only when at least this many steps are left to replay it
+CACHED_DECODERS = int(os.environ.get("MPLUS_FAST_DECODER_CACHE", "2"))   # captured decoders kept per backend
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -38,16 +41,13 @@ class StaticDecoder:
                  on_step=None):
         dev = cache.next_pos.device
         B, V = cache.next_pos.shape[0], backend.cfg.vocab_size
-        self.backend, self.cache, self.generator = backend, cache, generator
+        self.backend, self.cache = backend, cache
         self.max_new = max_new_tokens
         self.sampling = (do_sample, temperature, top_k, top_p)
         self.has_eos = bool(eos)
-        # A host callback after each step (streamers, stop strings): tokens (B,) → (B,) bool of
-        # sequences to finish now, or None. It reads the tokens back, so it costs a sync per step.
-        self.on_step = on_step
-        self.can_finish = self.has_eos or on_step is not None
-        self.inv_freq = inv_freq.to(device=dev, dtype=torch.float32)
+        self.key = decoder_key(cache, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad)
         # Everything a step reads or writes, at fixed addresses (a captured graph replays on them).
+        self.inv_freq = inv_freq.to(device=dev, dtype=torch.float32).clone()
         self.eos = torch.tensor(eos or [-1], dtype=torch.int64, device=dev)
         self.pad = torch.full((B,), pad, dtype=torch.int64, device=dev)
         self.pos = cache.next_pos[:, None].clone()                            # (B, 1)
@@ -61,7 +61,35 @@ class StaticDecoder:
         if do_sample and dev.type == "cuda":
             self.host_noise = torch.empty(B, V, dtype=torch.float32).pin_memory()
         self.graph = None                 # the captured step, once there is one
+        self.captures = 0                 # graphs captured by this decoder (at most one)
         self._stream, self._warm, self._capture_failed = None, 0, False
+        self._bind(generator, on_step)
+
+    def _bind(self, generator: torch.Generator, on_step) -> None:
+        self.generator = generator
+        # A host callback after each step (streamers, stop strings): tokens (B,) → (B,) bool of
+        # sequences to finish now, or None. It reads the tokens back, so it costs a sync per step.
+        self.on_step = on_step
+        self.can_finish = self.has_eos or on_step is not None
+
+    def restart(self, cache: KVCache, inv_freq: torch.Tensor, generator: torch.Generator, on_step=None) -> None:
+        """Decode again from a new prefill of the same shape (`decoder_key`), reusing the captured
+        step: the prefill's cache and the per-step state are copied into this decoder's fixed
+        buffers (one device copy of the cache instead of a new capture)."""
+        key = decoder_key(cache, self.max_new, *self.sampling, *self.key[-2:])
+        if key != self.key:
+            raise ValueError(f"StaticDecoder.restart: the new prefill's shape {key} differs from this decoder's {self.key}")
+        for static, new in ((self.cache.k, cache.k), (self.cache.v, cache.v), (self.cache.valid, cache.valid)):
+            for dst, src in zip(static, new):
+                dst.copy_(src)
+        self.inv_freq.copy_(inv_freq)
+        self.pos.copy_(cache.next_pos[:, None])
+        self.slot.fill_(cache.length[0])
+        self.step.zero_()
+        self.tok.zero_()
+        self.finished.zero_()
+        self.out.copy_(self.pad[:, None].expand_as(self.out))
+        self._bind(generator, on_step)
 
     # ------------------------------------------------------------------ one step, on the device
     def _choose(self, logits: torch.Tensor) -> None:
@@ -126,14 +154,15 @@ class StaticDecoder:
                     if saved is not None:   # the reference would not have drawn it
                         self.generator.set_state(saved)
                     break
-        return self.out[:, :done]
+        return self.out[:, :done].clone()    # `out` is rewritten by the next call of a reused decoder
 
     def _step(self, remaining: int) -> None:
         """One step: the captured graph if there is one; else eager, or (on a GPU with enough
         steps left to pay for a capture) warm-up and capture."""
         if self.graph is not None:
             self.graph.replay()
-        elif not graphs_enabled(self.tok.device) or remaining <= WARMUP_STEPS:
+        elif not graphs_enabled(self.tok.device) or self._capture_failed or (
+                self._warm == 0 and remaining < WARMUP_STEPS + MIN_REPLAYS):   # a capture would not pay
             self._advance()
         else:
             self._advance_or_capture()
@@ -144,7 +173,7 @@ class StaticDecoder:
         (capturing executes nothing, so no state is touched)."""
         if self._stream is None:
             self._stream = torch.cuda.Stream()
-        if self._capture_failed or self._warm < WARMUP_STEPS:
+        if self._warm < WARMUP_STEPS:
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
                 self._advance()
@@ -161,4 +190,52 @@ class StaticDecoder:
             self._advance()
             return
         self.graph = graph
+        self.captures += 1
         graph.replay()
+
+    @property
+    def reusable(self) -> bool:
+        """Whether a later call of the same shape gains by reusing this decoder (it holds a graph)."""
+        return self.graph is not None
+
+
+def decoder_key(cache: KVCache, max_new_tokens: int, do_sample: bool, temperature, top_k, top_p, eos, pad) -> tuple:
+    """What a captured step depends on: shapes, dtype and device of the cache, and every option
+    baked into the step (the sampling values are Python constants of the graph)."""
+    k0 = cache.k[0]
+    sampling = (float(temperature), top_k, top_p) if do_sample else ()
+    return (len(cache.k), tuple(k0.shape), k0.dtype, str(k0.device), max_new_tokens, bool(do_sample), sampling,
+            tuple(eos), int(pad))
+
+
+class DecoderCache:
+    """Captured decoders of one backend, by `decoder_key`, least recently used first out (each
+    holds a KV cache of its shape on the device, so only `CACHED_DECODERS` are kept)."""
+
+    def __init__(self, capacity: int = CACHED_DECODERS):
+        self.capacity = capacity
+        self.entries: dict[tuple, StaticDecoder] = {}
+
+    def take(self, key: tuple) -> StaticDecoder | None:
+        return self.entries.pop(key, None)
+
+    def keep(self, decoder: StaticDecoder) -> None:
+        if self.capacity <= 0 or not decoder.reusable:
+            return
+        self.entries[decoder.key] = decoder
+        while len(self.entries) > self.capacity:
+            del self.entries[next(iter(self.entries))]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decoder_cache(backend) -> DecoderCache:
+    """The captured decoders of `backend` (dropped with it)."""
+    cache = _CACHES.get(backend)
+    if cache is None:
+        cache = _CACHES[backend] = DecoderCache()
+    return cache

@@ -6,7 +6,8 @@ the pad id from then on; generation stops at `max_new_tokens` or when all are fi
 draws from the model's own generator, so seeded runs repeat exactly.
 
 Two loops with the same results: the fast backend decodes with `decoding.StaticDecoder` (device
-state, CUDA graph on a GPU) whenever the RoPE frequencies stay fixed over the steps; otherwise
+state, CUDA graph on a GPU) whenever the RoPE frequencies stay fixed over the steps, reusing the
+decoder captured by an earlier call of the same shape (`decoding.DecoderCache`); otherwise
 (and for the reference backend) the plain loop below runs one `decode_step` per token.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 
 import torch
 
-from mplus_fast.decoding import StaticDecoder
+from mplus_fast.decoding import StaticDecoder, decoder_cache, decoder_key
 from mplus_fast.hf.options import resolve as resolve_options
 from mplus_fast.inputs import IgnoredOptionWarning, check_count, check_flag, check_token_id, warn_at_caller
 from mplus_fast.hf.stopping import StopStrings
@@ -115,10 +116,18 @@ def _generate_new(model, ids, valid, o, eos, pad, retrieve, on_step) -> torch.Te
     res = model.backend.read(ids, valid, cache_extra=o.max_new_tokens, last_only=True, retrieve=retrieve)
     if use_static_decoder(model, res.cache, o.max_new_tokens):
         inv_freq = model.rope.inv_freq_for(int(res.cache.next_pos.max()))
-        decoder = StaticDecoder(model.backend, res.cache, inv_freq, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
-                                temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, eos=eos, pad=pad,
-                                generator=model.generator, on_step=on_step)
-        return decoder.run(res.logits[:, -1])
+        captured = decoder_cache(model.backend)
+        key = decoder_key(res.cache, o.max_new_tokens, o.do_sample, o.temperature, o.top_k, o.top_p, eos, pad)
+        decoder = captured.take(key)       # this shape's captured step, from an earlier call
+        if decoder is not None:
+            decoder.restart(res.cache, inv_freq, model.generator, on_step)
+        else:
+            decoder = StaticDecoder(model.backend, res.cache, inv_freq, max_new_tokens=o.max_new_tokens,
+                                    do_sample=o.do_sample, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                                    eos=eos, pad=pad, generator=model.generator, on_step=on_step)
+        new = decoder.run(res.logits[:, -1])
+        captured.keep(decoder)
+        return new
     return step_loop(model, res.cache, res.logits[:, -1], o.max_new_tokens, o.do_sample, o.temperature,
                      o.top_k, o.top_p, eos, pad, on_step)
 

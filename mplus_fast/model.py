@@ -92,7 +92,8 @@ class MPlus:
         cast = lambda t: t.to(device=self.device, dtype=self.dtype)
         self.weights = Weights.from_tensors(config, tensors).map(cast)
         # bf16/fp16 parity: the reference casts RoPE's inverse frequencies along with the model.
-        self.rope = RotaryEmbedding(config, round_inv_freq_to=None if self.dtype == torch.float32 else self.dtype)
+        self.rope = RotaryEmbedding(config, round_inv_freq_to=None if self.dtype == torch.float32 else self.dtype,
+                                    device=self.device)
         state = self._state_from_tensors(tensors)
         self.generator = torch.Generator(device="cpu")
         if seed is None:
@@ -143,11 +144,16 @@ class MPlus:
         if not c.is_mplus:
             return st
         s = c.selector_hidden_dim
+        # SPEC §10: the authors keep ltm_ages in the model dtype, so their bf16/fp16 load rounds
+        # them (267 and 269 -> 268) before truncation. A checkpoint saved by mplus_fast holds the
+        # ages the model had (rounded at its first load, then integers): those load as they are.
+        round_ages = self.dtype in (torch.bfloat16, torch.float16) and f"{OURS}next_injection_id" not in t
         for i in range(L):
             n = t[f"ltm.{i}"].shape[0]
             st.ltm.append(t[f"ltm.{i}"])
             st.ltm_keys.append(t[f"ltm_keys.{i}"])
-            st.ltm_ages.append(t[f"ltm_ages.{i}"].to(**i64))  # stored as floats: truncate
+            ages = t[f"ltm_ages.{i}"].to(self.dtype) if round_ages else t[f"ltm_ages.{i}"]
+            st.ltm_ages.append(ages.to(**i64))  # stored as floats: truncate
             st.ltm_rf.append(t[f"ltm_recall_frequencies.{i}"].to(torch.float64))
             st.ltm_prov.append(get(f"{OURS}ltm_provenance.{i}", torch.full((n,), -1)).to(**i64))
             st.pend.append(get(f"cached_dropped_memories.{i}", torch.zeros(0, c.hidden_size)))

@@ -46,9 +46,13 @@ def dynamic_inv_freq(base: float, dim: int, factor: float, max_pos: int, seq_len
 
 
 class RotaryEmbedding:
-    """Per-model RoPE state. `inv_freq_for(max_position)` is called once per forward call."""
+    """Per-model RoPE state. `inv_freq_for(max_position)` is called once per forward call.
+    The frequencies are computed on the CPU (the same values everywhere) and kept on `device`,
+    the model's, where every kernel that takes them (memory_attention, rope_apply) wants them."""
 
-    def __init__(self, config: MPlusConfig, round_inv_freq_to: torch.dtype | None = None):
+    def __init__(self, config: MPlusConfig, round_inv_freq_to: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self.type = config.rope_type
         self.dim = config.head_dim
         self.base = float(config.rope_theta)
@@ -62,8 +66,9 @@ class RotaryEmbedding:
             original = llama3_inv_freq(self.base, self.dim, self.scaling)
         else:  # validated by MPlusConfig
             raise ValueError(f"unsupported rope type {self.type!r}")
-        self.original = original
-        self.inv_freq = original if round_inv_freq_to is None else original.to(round_inv_freq_to).float()
+        self.original = original.to(self.device)
+        rounded = original if round_inv_freq_to is None else original.to(round_inv_freq_to).float()
+        self.inv_freq = rounded.to(self.device)
         self.cached_len = self.max_pos
         self.attention_scaling = 1.0
 
@@ -72,7 +77,8 @@ class RotaryEmbedding:
         if self.type == "dynamic":
             seq_len = max_position + 1
             if seq_len > self.cached_len:  # growth: recompute for the longer sequence
-                self.inv_freq = dynamic_inv_freq(self.base, self.dim, self.scaling["factor"], self.max_pos, seq_len)
+                self.inv_freq = dynamic_inv_freq(self.base, self.dim, self.scaling["factor"], self.max_pos,
+                                                 seq_len).to(self.device)
                 self.cached_len = seq_len
             if seq_len < self.max_pos and self.cached_len > self.max_pos:  # back in range: reset
                 self.inv_freq = self.original
@@ -89,10 +95,36 @@ class RotaryEmbedding:
         return not (grows or resets)
 
     def state(self) -> dict:
-        return {"inv_freq": self.inv_freq.clone(), "cached_len": self.cached_len}
+        """What a checkpoint stores (on the CPU)."""
+        return {"inv_freq": self.inv_freq.to("cpu", copy=True), "cached_len": self.cached_len}
 
     def load_state(self, state: dict) -> None:
-        self.inv_freq, self.cached_len = state["inv_freq"].clone(), int(state["cached_len"])
+        self.inv_freq = state["inv_freq"].to(self.device, torch.float32, copy=True)
+        self.cached_len = int(state["cached_len"])
+
+
+_NATIVE_CPU: bool | None = None
+
+
+def _native_cpu_kernel() -> bool:
+    """Whether mplus_fast._C's CPU rope_apply is loaded (looked up once; imported late, as the
+    op module imports this one)."""
+    global _NATIVE_CPU
+    if _NATIVE_CPU is None:
+        import mplus_fast.ops  # noqa: F401  (loads the native library)
+        from mplus_fast.ops._library import has_native_kernel
+        _NATIVE_CPU = has_native_kernel("rope_apply", "cpu")
+    return _NATIVE_CPU
+
+
+def engine_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """The fast backend's RoPE: the native `rope_apply` where it is measured faster than
+    `apply_rope` (the CPU in float32: bench/results/ops-cpu-2026-12-01.md), `apply_rope` elsewhere
+    (bf16 on the CPU, where the kernel is slower for large tensors; CUDA, not measured yet). Same
+    semantics (HF Llama); the kernel's float32 cos/sin may differ from torch's by an ulp."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and _native_cpu_kernel():
+        return torch.ops.mplus_fast.rope_apply(x, positions, inv_freq, scaling)
+    return apply_rope(x, positions, inv_freq, scaling)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

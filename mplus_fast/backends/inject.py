@@ -8,7 +8,7 @@ import torch
 from mplus_fast import layers as L_
 from mplus_fast.backends.dispatch import attention
 from mplus_fast.profiling import nvtx_range
-from mplus_fast.rope import apply_rope
+from mplus_fast.rope import engine_rope as apply_rope   # the native kernel where measured faster
 
 
 def inject(eng, ids: torch.Tensor) -> torch.Tensor:

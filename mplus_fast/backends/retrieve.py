@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from mplus_fast import layers as L_
+from mplus_fast.ops.gather import take_rows
 from mplus_fast.ops.retrieval import retrieval_topk
 
 
@@ -79,4 +80,4 @@ def fill_pending(rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Tensor,
 
 def gather_split(bank_rows: torch.Tensor, pend_rows: torch.Tensor, idx: torch.Tensor, n_l: int) -> torch.Tensor:
     """Rows of [bank_rows; pend_rows] at idx without concatenating the (large) bank."""
-    return fill_pending(bank_rows[idx.clamp(max=n_l - 1)], pend_rows, idx, n_l)
+    return fill_pending(take_rows(bank_rows, idx.clamp(max=n_l - 1)), pend_rows, idx, n_l)

@@ -75,23 +75,25 @@ def check_memory_attention_args(q, k_prefix, v_prefix, prefix_index, prefix_posi
     for name, t in (("k_prefix", k_prefix), ("v_prefix", v_prefix), ("k_tail", k_tail), ("v_tail", v_tail)):
         if t.dtype != q.dtype or t.device != q.device:
             bad(f"{name} must match q's dtype {q.dtype} and device {q.device}, got {t.dtype} {t.device} {_shape(t)}")
+    for name, t in (("prefix_index", prefix_index), ("prefix_positions", prefix_positions), ("inv_freq", inv_freq),
+                    ("tail_mask", tail_mask)):
+        if t is not None and t.device != q.device:
+            bad(f"{name} is on {t.device} but q is on {q.device}: every argument must be on q's device "
+                f"(move {name} with .to({str(q.device)!r}))")
     P = k_prefix.shape[2]
     if prefix_index is not None:
-        if prefix_index.dtype != torch.int64 or prefix_index.dim() != 2 or prefix_index.shape[0] != B \
-                or prefix_index.device != q.device:
+        if prefix_index.dtype != torch.int64 or prefix_index.dim() != 2 or prefix_index.shape[0] != B:
             bad(f"prefix_index must be int64 (B={B}, P) on {q.device}, got {_shape(prefix_index)} {prefix_index.dtype}")
         P = prefix_index.shape[1]
     if (prefix_positions is None) != (inv_freq is None):
         bad(f"prefix_positions and inv_freq go together, got {_shape(prefix_positions)} and {_shape(inv_freq)}")
     if prefix_positions is not None:
-        if prefix_positions.dtype != torch.int64 or tuple(prefix_positions.shape) not in ((P,), (B, P)) \
-                or prefix_positions.device != q.device:
+        if prefix_positions.dtype != torch.int64 or tuple(prefix_positions.shape) not in ((P,), (B, P)):
             bad(f"prefix_positions must be int64 of shape ({P},) or ({B}, {P}), got "
                 f"{_shape(prefix_positions)} {prefix_positions.dtype}")
-        if D % 2 or inv_freq.dtype != torch.float32 or tuple(inv_freq.shape) != (D // 2,) or inv_freq.device != q.device:
+        if D % 2 or inv_freq.dtype != torch.float32 or tuple(inv_freq.shape) != (D // 2,):
             bad(f"inv_freq must be float32 of shape ({D // 2},) with D={D} even, got {_shape(inv_freq)} {inv_freq.dtype}")
-    if tail_mask is not None and (tail_mask.dtype != torch.bool or tuple(tail_mask.shape) != (B, n)
-                                  or tail_mask.device != q.device):
+    if tail_mask is not None and (tail_mask.dtype != torch.bool or tuple(tail_mask.shape) != (B, n)):
         bad(f"tail_mask must be bool of shape ({B}, {n}), got {_shape(tail_mask)} {tail_mask.dtype}")
     return P
 
