@@ -276,6 +276,8 @@ def serve(
     max_inject_mb: float = typer.Option(32.0, help="Largest injection body, MiB."),
     request_timeout: float = typer.Option(300.0, help="Seconds a request may compute before it is stopped (504)."),
     queue_timeout: float = typer.Option(60.0, help="Seconds a request may wait in the queue (then 503)."),
+    resident_mb: float = typer.Option(1024.0, help="Host memory, MiB, for the recently used memories kept with their "
+                                                   "cached K/V (switching back needs no disk read or recomputation); 0: none."),
     seed: int = SEED, device: str = DEVICE, dtype: Optional[str] = DTYPE, backend: str = BACKEND,
     threads: int = _threads(0, "torch's choice"),
 ):
@@ -284,7 +286,7 @@ def serve(
     run_server(ckpt=ckpt, host=host, port=port, data_dir=data_dir, api_key=api_key, model_name=model_name,
                tokenizer=tokenizer, max_queue=max_queue, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
                max_body_mb=max_body_mb, max_inject_mb=max_inject_mb, request_timeout=request_timeout,
-               queue_timeout=queue_timeout, seed=seed, device=str(parse_device(device)), dtype=parse_dtype(dtype), backend=backend,
+               queue_timeout=queue_timeout, resident_mb=resident_mb, seed=seed, device=str(parse_device(device)), dtype=parse_dtype(dtype), backend=backend,
                threads=threads)
 
 

@@ -11,7 +11,8 @@ STM tokens the next injection drops). The tensors carry the checkpoint names of 
 Model side (thin methods on `MPlus`, all here):
   `model.snapshot()`            a Memory copy of the current memory (the model keeps running on its own);
   `model.restore(memory)`       make `memory` the model's memory (the weights stay; the fast backend
-                                recomputes its cached K/V from the memory's hidden states);
+                                takes the cached K/V a snapshot of this same model carries, else
+                                recomputes them from the memory's hidden states);
   `model.reset()`               back to the memory of the checkpoint the model was loaded from;
   `model.save_memory(path)`     write the current memory (one file, atomic), weights untouched;
   `model.load_memory(path)`     read a memory file and restore it;
@@ -70,10 +71,16 @@ class Memory:
     fingerprint: str
     summary: str = ""
     meta: dict = field(default_factory=dict)
+    # What a backend derived from the rows (the fast backend's K/V, `MemoryStore.derived_rows`),
+    # valid only for the model instance whose `derived_tag` it carries; never written to disk.
+    derived: dict[str, torch.Tensor] | None = None
+    derived_tag: str | None = None
 
     def fork(self) -> "Memory":
         """An independent deep copy."""
-        return Memory({k: v.clone() for k, v in self.tensors.items()}, self.fingerprint, self.summary, dict(self.meta))
+        derived = None if self.derived is None else {k: v.clone() for k, v in self.derived.items()}
+        return Memory({k: v.clone() for k, v in self.tensors.items()}, self.fingerprint, self.summary, dict(self.meta),
+                      derived, self.derived_tag)
 
     clone = fork
 
@@ -90,7 +97,8 @@ class Memory:
         return {"layers": layers, "stm_tokens_per_layer": t["memory"].shape[1], "ltm_tokens_per_layer": ltm,
                 "pending_tokens": pend, "update_step": int(t.get("update_step", torch.tensor(0))),
                 "injections": int(t.get(f"{OURS}next_injection_id", torch.tensor(0))), "bytes": self.nbytes,
-                "dtype": str(t["memory"].dtype).replace("torch.", "")}
+                "dtype": str(t["memory"].dtype).replace("torch.", ""),
+                "derived_bytes": sum(v.numel() * v.element_size() for v in (self.derived or {}).values())}
 
 
 # ---------------------------------------------------------------------- model side
@@ -98,7 +106,9 @@ def snapshot(model) -> Memory:
     weights = set(model.weights.to_tensors(model.config))
     tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_tensors().items()
                if k not in weights and k not in MODEL_STATE}
-    return Memory(tensors, config_fingerprint(model.config), config_summary(model.config), {"snapshot_at": time.time()})
+    export = getattr(model.backend, "derived_rows", None)
+    return Memory(tensors, config_fingerprint(model.config), config_summary(model.config), {"snapshot_at": time.time()},
+                  export() if export is not None else None, model.derived_tag if export is not None else None)
 
 
 def check_compatible(model, memory: Memory) -> None:
@@ -119,7 +129,8 @@ def restore(model, memory: Memory) -> None:
     check_memory_tensors(model.config, t)
     state = model._state_from_tensors(t)
     gen = t.get(f"{OURS}generator_state")
-    attach_state(model, state)
+    reuse = memory.derived is not None and memory.derived_tag == model.derived_tag
+    attach_state(model, state, memory.derived if reuse else None)
     if gen is not None:
         model.generator.set_state(gen.to(torch.uint8))
     model.last_update = None
@@ -148,11 +159,13 @@ def check_memory_tensors(config, t: dict[str, torch.Tensor]) -> None:
     check_state(config, t)
 
 
-def attach_state(model, state) -> None:
+def attach_state(model, state, derived: dict[str, torch.Tensor] | None = None) -> None:
     """Give the backend a new memory state, keeping its weights (the fast backend rebuilds its
-    cached K/V from the state's hidden rows)."""
+    cached K/V from the state's hidden rows, or takes `derived`, its own K/V of these rows)."""
     backend = model.backend
-    if hasattr(backend, "load_state"):
+    if derived is not None:
+        backend.load_state(state, derived)
+    elif hasattr(backend, "load_state"):
         backend.load_state(state)       # copies into its own buffers
     else:
         backend.state = state.clone()   # the memory object stays independent of the model

@@ -8,6 +8,7 @@ drops, sampling) is drawn, so a seeded run is reproducible and survives save →
 from __future__ import annotations
 
 import json
+import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,9 @@ class MPlus:
                  backend: str = "fast", seed: int | None = None, age_mode: str = "inference",
                  generation_config: dict | None = None, ltm_placement: str = "device"):
         self._gate = ModelGate()   # one call at a time (mplus_fast.concurrency)
+        # Names this model's weights in this dtype: a snapshot's cached K/V are reused on restore
+        # only by the model that made them (mplus_fast.memories).
+        self.derived_tag = secrets.token_hex(8)
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not available (choose from {list(BACKENDS)})")
         if age_mode not in AGE_MODES:

@@ -188,17 +188,24 @@ class MemoryStore:
         self.update_step, self.next_injection_id, self.initialized = update_step, next_injection_id, initialized
 
     @classmethod
-    def from_state(cls, state: MemoryState, config: MPlusConfig, layout: StoreLayout, derived: Derived) -> "MemoryStore":
+    def from_state(cls, state: MemoryState, config: MPlusConfig, layout: StoreLayout, derived: Derived,
+                   given: dict[str, torch.Tensor] | None = None) -> "MemoryStore":
         """The store of a reference-layout state (copied into the store's own buffers, converted
         to each column's dtype and device); derived columns are computed from the hidden rows,
-        a bank `CHUNK_ROWS` rows at a time."""
+        a bank `CHUNK_ROWS` rows at a time, or taken from `given` (what `derived_rows()` of a
+        store with the same weights returned: nothing is recomputed then)."""
         L, N = state.stm.shape[:2]
+        if given is not None:
+            _check_given(given, state, layout)
         order = (state.stm_slots if state.stm_slots is not None else torch.arange(N).repeat(L, 1))
         order = order.to(device=layout.stm["ages"].device, dtype=torch.int64, copy=True)
         logical = {"hidden": state.stm, "ages": state.stm_ages, "prov": state.stm_prov}
-        extra = [derived.columns(l, state.stm[l]) for l in range(L)]
-        for name in extra[0] if extra else ():
-            logical[name] = torch.stack([e[name] for e in extra])
+        if given is not None:
+            logical.update({name: given[f"stm.{name}"] for name in derived_names(layout.stm)})
+        else:
+            extra = [derived.columns(l, state.stm[l]) for l in range(L)]
+            for name in extra[0] if extra else ():
+                logical[name] = torch.stack([e[name] for e in extra])
         columns = {}
         for name, spec in layout.stm.items():
             col = torch.empty((L, N, *spec.row_shape), dtype=spec.dtype, device=spec.device)
@@ -208,11 +215,25 @@ class MemoryStore:
                     state.initialized)
         if config.is_mplus:
             for l in range(L):
-                store.ltm.append(_bank_from(layout.bank, l, derived, hidden=state.ltm[l], keys=state.ltm_keys[l],
-                                            ages=state.ltm_ages[l], prov=state.ltm_prov[l], rf=state.ltm_rf[l]))
-                store.pend.append(_bank_from(layout.pending, l, derived, hidden=state.pend[l], keys=state.pend_keys[l],
-                                             ages=state.pend_ages[l], prov=state.pend_prov[l]))
+                store.ltm.append(_bank_from(layout.bank, l, derived, _given_bank(given, "ltm", l, layout.bank),
+                                            hidden=state.ltm[l], keys=state.ltm_keys[l], ages=state.ltm_ages[l],
+                                            prov=state.ltm_prov[l], rf=state.ltm_rf[l]))
+                store.pend.append(_bank_from(layout.pending, l, derived, _given_bank(given, "pending", l, layout.pending),
+                                             hidden=state.pend[l], keys=state.pend_keys[l], ages=state.pend_ages[l],
+                                             prov=state.pend_prov[l]))
         return store
+
+    def derived_rows(self) -> dict[str, torch.Tensor]:
+        """Every derived column of the live rows, copied to the host: `stm.NAME` (L, N, *row) in
+        logical order, `ltm.L.NAME` and `pending.L.NAME` (rows, *row). `from_state(..., given=)`
+        takes them back, so a memory switched out and in again under the same weights keeps its
+        K/V instead of recomputing them (and keeps them bit for bit)."""
+        out = {f"stm.{name}": self.stm.logical(name).to("cpu", copy=True) for name in derived_names(self.layout.stm)}
+        for part, banks, specs in (("ltm", self.ltm, self.layout.bank), ("pending", self.pend, self.layout.pending)):
+            for l, bank in enumerate(banks):
+                for name in derived_names(specs):
+                    out[f"{part}.{l}.{name}"] = bank.live(name).to("cpu", copy=True)
+        return out
 
     # ------------------------------------------------------------------ reading
     @property
@@ -295,14 +316,46 @@ def _expand_index(index: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     return index.view(*index.shape, *([1] * (col.dim() - 2))).expand_as(col)
 
 
-def _bank_from(specs: dict[str, ColumnSpec], l: int, derived: Derived, **base: torch.Tensor) -> Bank:
+def _bank_from(specs: dict[str, ColumnSpec], l: int, derived: Derived, given: dict[str, torch.Tensor] | None,
+               **base: torch.Tensor) -> Bank:
     bank = Bank(specs)
     n = base["ages"].shape[0]
     bank.reserve(n)
     for start in range(0, n, CHUNK_ROWS):
         rows = {k: v[start:start + CHUNK_ROWS] for k, v in base.items()}
-        bank.append({**rows, **derived.columns(l, rows["hidden"])})
+        if given is not None:
+            extra = {k: v[start:start + CHUNK_ROWS] for k, v in given.items()}
+        else:
+            extra = derived.columns(l, rows["hidden"])
+        bank.append({**rows, **extra})
     return bank
+
+
+# ---------------------------------------------------------------------- derived columns handed over
+def derived_names(specs: dict[str, ColumnSpec]) -> list[str]:
+    """The columns of `specs` a backend derives from the hidden rows (not part of the memory itself)."""
+    return [n for n in specs if n not in BASE_STM + BASE_BANK + ("rf",)]
+
+
+def _given_bank(given, part: str, l: int, specs) -> dict[str, torch.Tensor] | None:
+    return None if given is None else {name: given[f"{part}.{l}.{name}"] for name in derived_names(specs)}
+
+
+def _check_given(given: dict[str, torch.Tensor], state: MemoryState, layout: StoreLayout) -> None:
+    """`given` holds exactly the derived columns of `state`'s rows, each of the layout's row shape:
+    checked before anything is built, so a bad hand-over changes nothing."""
+    want = {f"stm.{n}": (tuple(state.stm.shape[:2]), layout.stm[n]) for n in derived_names(layout.stm)}
+    for part, rows, specs in (("ltm", state.ltm, layout.bank), ("pending", state.pend, layout.pending)):
+        for l, r in enumerate(rows):
+            want.update({f"{part}.{l}.{n}": ((r.shape[0],), specs[n]) for n in derived_names(specs)})
+    if set(given) != set(want):
+        extra, missing = sorted(set(given) - set(want)), sorted(set(want) - set(given))
+        raise ValueError(f"derived columns do not match the memory: missing {missing[:4]}, unexpected {extra[:4]}")
+    for name, (lead, spec) in want.items():
+        shape = (*lead, *spec.row_shape)
+        if tuple(given[name].shape) != shape or given[name].dtype != spec.dtype:
+            raise ValueError(f"derived column {name!r} is {tuple(given[name].shape)} {given[name].dtype}, "
+                             f"the memory needs {shape} {spec.dtype}")
 
 
 # ---------------------------------------------------------------------- the update (SPEC §5)

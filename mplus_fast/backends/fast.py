@@ -137,10 +137,16 @@ class FastBackend:
             self._dirty()
 
     # ------------------------------------------------------------------ the memory
-    def load_state(self, st: MemoryState) -> None:
+    def load_state(self, st: MemoryState, derived: dict[str, torch.Tensor] | None = None) -> None:
+        """Make `st` the memory; its K/V are computed from the hidden rows, or taken from `derived`
+        (`derived_rows()` of this backend, for the same weights: memories switched without recomputing)."""
         layout = store_layout(self.cfg, self.m.dtype, self.m.device, self.placement)
-        self.store = MemoryStore.from_state(st, self.cfg, layout, self)
+        self.store = MemoryStore.from_state(st, self.cfg, layout, self, given=derived)
         self._dirty()
+
+    def derived_rows(self) -> dict[str, torch.Tensor]:
+        """The cached K/V of every memory row, on the host (see MemoryStore.derived_rows)."""
+        return self.store.derived_rows()
 
     def _dirty(self):
         """Drop what is cached from the STM: the rotated [bos | STM] keys and the injection prefix."""

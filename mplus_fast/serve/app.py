@@ -52,13 +52,14 @@ class ServerSettings:
     queue_timeout_s: float = 60.0
     request_timeout_s: float = 300.0
     max_memories: int = 256
+    resident_bytes: int = 1 << 30          # memories kept in host memory, with their K/V (registry.ResidentMemories)
 
 
 def create_app(model, settings: ServerSettings) -> FastAPI:
     if model.tokenizer is None:
         raise ValueError("serving needs the model's tokenizer: the checkpoint folder has no tokenizer.json "
                          "(give --tokenizer PATH)")
-    registry = MemoryRegistry(model, settings.data_dir, settings.max_memories)
+    registry = MemoryRegistry(model, settings.data_dir, settings.max_memories, settings.resident_bytes)
     engine = Engine(model, registry, model.tokenizer)
     worker = ModelWorker(settings.max_queue, settings.queue_timeout_s)
     @contextlib.asynccontextmanager

@@ -13,7 +13,7 @@ def default_data_dir(fingerprint: str) -> Path:
 
 
 def check_options(*, host, port, api_key, max_queue, max_tokens, max_prompt_tokens, max_body_mb, max_inject_mb,
-                  request_timeout, queue_timeout, data_dir, tokenizer, backend) -> None:
+                  request_timeout, queue_timeout, data_dir, tokenizer, backend, resident_mb=0.0) -> None:
     from mplus_fast.backends import BACKENDS
     if not 0 < port < 65536:
         raise CLIError(f"--port {port} must be in 1..65535")
@@ -28,6 +28,8 @@ def check_options(*, host, port, api_key, max_queue, max_tokens, max_prompt_toke
                         ("--request-timeout", request_timeout), ("--queue-timeout", queue_timeout)):
         if not value > 0:
             raise CLIError(f"{name} {value} must be positive")
+    if not resident_mb >= 0:
+        raise CLIError(f"--resident-mb {resident_mb} must be 0 or more")
     if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
         raise CLIError(f"--data-dir {data_dir} exists and is not a folder")
     if tokenizer is not None and not Path(tokenizer).exists():
@@ -42,7 +44,8 @@ def check_options(*, host, port, api_key, max_queue, max_tokens, max_prompt_toke
 
 
 def run_server(*, ckpt, host, port, data_dir, api_key, model_name, tokenizer, max_queue, max_tokens, max_prompt_tokens,
-               max_body_mb, max_inject_mb, request_timeout, queue_timeout, seed, device, dtype, backend, threads) -> None:
+               max_body_mb, max_inject_mb, request_timeout, queue_timeout, seed, device, dtype, backend, threads,
+               resident_mb: float = 1024.0) -> None:
     import mplus_fast
     from mplus_fast.hf.hub import resolve_checkpoint
     from mplus_fast.hf.tokenizer import load_tokenizer
@@ -54,7 +57,7 @@ def run_server(*, ckpt, host, port, data_dir, api_key, model_name, tokenizer, ma
     check_options(host=host, port=port, api_key=api_key, max_queue=max_queue, max_tokens=max_tokens,
                   max_prompt_tokens=max_prompt_tokens, max_body_mb=max_body_mb, max_inject_mb=max_inject_mb,
                   request_timeout=request_timeout, queue_timeout=queue_timeout, data_dir=data_dir, tokenizer=tokenizer,
-                  backend=backend)
+                  backend=backend, resident_mb=resident_mb)
     path = resolve_checkpoint(ckpt)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else "auto"
     model = mplus_fast.load(path, device=device, dtype=dtype, seed=seed, backend=backend, tokenizer=tok)
@@ -64,7 +67,8 @@ def run_server(*, ckpt, host, port, data_dir, api_key, model_name, tokenizer, ma
     settings = ServerSettings(model_name=model_name or Path(str(ckpt)).name, data_dir=data, api_key=api_key,
                               max_body_bytes=int(max_body_mb * 2**20), max_inject_bytes=int(max_inject_mb * 2**20),
                               max_tokens_limit=max_tokens, max_prompt_tokens=max_prompt_tokens, max_queue=max_queue,
-                              queue_timeout_s=queue_timeout, request_timeout_s=request_timeout)
+                              queue_timeout_s=queue_timeout, request_timeout_s=request_timeout,
+                              resident_bytes=int(resident_mb * 2**20))
     console.print(f"serving {settings.model_name!r} ({model.config.architecture}, {model.device}, "
                   f"{str(model.dtype).replace('torch.', '')}) on http://{host}:{port}/v1; memories in {data}"
                   + ("; API key required" if api_key else ""))

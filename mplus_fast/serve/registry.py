@@ -15,6 +15,12 @@ name no memory.
 Every method runs on the model worker thread (`worker.ModelWorker`), so nothing here needs a lock.
 `attach(id)` makes a memory the model's (restoring it from disk unless it is attached already);
 a failed injection detaches it, so the next request reloads it as it is on disk.
+
+Resident memories: the last memories used stay in host memory (`ResidentMemories`, at most
+`resident_bytes`, least recently used dropped first) as snapshots of the model, which carry the
+fast backend's K/V of every row; switching back to one restores it without reading the disk and
+without projecting its rows again. A resident copy is always the memory as it is on disk (it is
+taken when the memory is written or read), so it can be dropped at any moment.
 """
 from __future__ import annotations
 
@@ -40,9 +46,46 @@ def check_id(memory_id, param: str = "memory_id") -> str:
     return memory_id
 
 
+class ResidentMemories:
+    """Snapshots of recently used memories, by id, within a byte budget (least recently used out first)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: dict[str, Memory] = {}      # insertion order = use order
+
+    @staticmethod
+    def size(memory: Memory) -> int:
+        return memory.nbytes + memory.stats()["derived_bytes"]
+
+    def __contains__(self, memory_id: str) -> bool:
+        return memory_id in self._items
+
+    def get(self, memory_id: str) -> Memory | None:
+        memory = self._items.pop(memory_id, None)
+        if memory is not None:
+            self._items[memory_id] = memory       # most recently used
+        return memory
+
+    def put(self, memory_id: str, memory: Memory) -> None:
+        self._items.pop(memory_id, None)
+        if self.size(memory) > self.max_bytes:
+            return                                 # larger than the budget: read from disk when needed
+        self._items[memory_id] = memory
+        while self.nbytes > self.max_bytes:
+            del self._items[next(iter(self._items))]
+
+    def drop(self, memory_id: str) -> None:
+        self._items.pop(memory_id, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.size(m) for m in self._items.values())
+
+
 class MemoryRegistry:
-    def __init__(self, model, data_dir: Path, max_memories: int = 256):
+    def __init__(self, model, data_dir: Path, max_memories: int = 256, resident_bytes: int = 1 << 30):
         self.model = model
+        self.resident = ResidentMemories(resident_bytes)
         self.root = Path(data_dir) / "memories"
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_memories = max_memories
@@ -82,6 +125,10 @@ class MemoryRegistry:
         full.update({k: v for k, v in memory.stats().items() if k in ("ltm_tokens_per_layer", "pending_tokens", "bytes")})
         write_memory(self._folder(memory_id), memory, {META_FILE: json.dumps(full, indent=1) + "\n"})
         self.meta[memory_id] = full
+        if memory.derived is not None:
+            self.resident.put(memory_id, memory)   # what is on disk now, with its K/V
+        else:
+            self.resident.drop(memory_id)
         return full
 
     # ------------------------------------------------------------------ lifecycle
@@ -130,18 +177,28 @@ class MemoryRegistry:
         folder.rename(trash)          # one atomic step: the memory is gone, then its files
         shutil.rmtree(trash, ignore_errors=True)
         del self.meta[memory_id]
+        self.resident.drop(memory_id)
         if self.active == memory_id:
             self.active = None
         return meta
 
     # ------------------------------------------------------------------ use
     def attach(self, memory_id: str) -> None:
-        """Make `memory_id` the model's memory (read from disk unless it is already attached)."""
+        """Make `memory_id` the model's memory: nothing to do when it is attached, else from the
+        resident snapshots (no disk read, no K/V recomputed) or from disk."""
         self.get(memory_id)
-        if self.active != memory_id:
-            self.active = None
-            self.model.restore(read_memory(self._folder(memory_id)))
-            self.active = memory_id
+        if self.active == memory_id:
+            return
+        self.active = None
+        memory = self.resident.get(memory_id)
+        if memory is not None:
+            self.model.restore(memory)
+        else:
+            memory = read_memory(self._folder(memory_id))
+            self.model.restore(memory)
+            if memory.nbytes <= self.resident.max_bytes:
+                self.resident.put(memory_id, self.model.snapshot())   # the disk's memory, with its K/V
+        self.active = memory_id
 
     def commit(self, memory_id: str, chunks: int, tokens: int) -> dict:
         """Persist the attached memory after an injection of `chunks` chunks / `tokens` tokens."""
