@@ -60,6 +60,12 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def tensors_key(tensors: dict[str, torch.Tensor]) -> tuple:
+    """Names, identities and in-place version counters of `tensors`: equal only while none is
+    replaced or modified."""
+    return tuple(sorted((name, id(t), t._version) for name, t in tensors.items()))
+
+
 def config_summary(config) -> str:
     return (f"{config.architecture}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
             f"T={config.num_tokens}, STM {config.stm_size}, R={config.ltm_retrieved}, vocab {config.vocab_size}")
@@ -75,12 +81,21 @@ class Memory:
     # valid only for the model instance whose `derived_tag` it carries; never written to disk.
     derived: dict[str, torch.Tensor] | None = None
     derived_tag: str | None = None
+    derived_of: tuple | None = None      # `tensors_key(tensors)` the derived columns were made from
 
     def fork(self) -> "Memory":
         """An independent deep copy."""
-        derived = None if self.derived is None else {k: v.clone() for k, v in self.derived.items()}
-        return Memory({k: v.clone() for k, v in self.tensors.items()}, self.fingerprint, self.summary, dict(self.meta),
-                      derived, self.derived_tag)
+        tensors = {k: v.clone() for k, v in self.tensors.items()}
+        if not self.derived_valid_for(self.derived_tag):
+            return Memory(tensors, self.fingerprint, self.summary, dict(self.meta))
+        return Memory(tensors, self.fingerprint, self.summary, dict(self.meta),
+                      {k: v.clone() for k, v in self.derived.items()}, self.derived_tag, tensors_key(tensors))
+
+    def derived_valid_for(self, tag: str | None) -> bool:
+        """Whether the derived columns belong to the model tagged `tag` and to these very tensors,
+        unchanged since (a tensor replaced or edited in place makes them stale: recomputed then)."""
+        return (self.derived is not None and tag is not None and self.derived_tag == tag
+                and self.derived_of == tensors_key(self.tensors))
 
     clone = fork
 
@@ -106,9 +121,11 @@ def snapshot(model) -> Memory:
     weights = set(model.weights.to_tensors(model.config))
     tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_tensors().items()
                if k not in weights and k not in MODEL_STATE}
+    memory = Memory(tensors, config_fingerprint(model.config), config_summary(model.config), {"snapshot_at": time.time()})
     export = getattr(model.backend, "derived_rows", None)
-    return Memory(tensors, config_fingerprint(model.config), config_summary(model.config), {"snapshot_at": time.time()},
-                  export() if export is not None else None, model.derived_tag if export is not None else None)
+    if export is not None:
+        memory.derived, memory.derived_tag, memory.derived_of = export(), model.derived_tag, tensors_key(tensors)
+    return memory
 
 
 def check_compatible(model, memory: Memory) -> None:
@@ -129,8 +146,7 @@ def restore(model, memory: Memory) -> None:
     check_memory_tensors(model.config, t)
     state = model._state_from_tensors(t)
     gen = t.get(f"{OURS}generator_state")
-    reuse = memory.derived is not None and memory.derived_tag == model.derived_tag
-    attach_state(model, state, memory.derived if reuse else None)
+    attach_state(model, state, memory.derived if memory.derived_valid_for(model.derived_tag) else None)
     if gen is not None:
         model.generator.set_state(gen.to(torch.uint8))
     model.last_update = None

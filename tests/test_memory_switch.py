@@ -181,3 +181,22 @@ def test_resident_budget_drops_least_recently_used(ckpt, tmp_path):
     assert "c" not in reg.resident and {"a", "b"} <= set(reg.resident._items)
     reg.delete("b")
     assert "b" not in reg.resident
+
+
+def test_edited_memory_tensors_make_the_kv_stale(ckpt, monkeypatch):
+    """A memory whose tensors were replaced or edited in place is recomputed, never read with old K/V."""
+    model = mplus_fast.load(ckpt)
+    _inject(model, 5, seed=3)
+    memory = model.snapshot()
+    calls = _no_projection(monkeypatch)
+    memory.tensors["memory"].mul_(0.5)                 # in place
+    model.restore(memory)
+    assert calls
+    ref = mplus_fast.load(ckpt, backend="reference")
+    ref.restore(memory)
+    torch.testing.assert_close(model(IDS).logits, ref(IDS).logits, rtol=1e-4, atol=1e-4)
+    memory = model.snapshot()
+    memory.tensors = {**memory.tensors, "memory": memory.tensors["memory"] * 2}   # replaced
+    calls.clear()
+    model.restore(memory)
+    assert calls
