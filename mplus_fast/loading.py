@@ -72,3 +72,34 @@ class Placement:
     def convert_all(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A new dict of every tensor in its place (the caller's dict is left as it is)."""
         return {name: self.convert(name, t) for name, t in tensors.items()}
+
+
+# ---------------------------------------------------------------------- presets
+# Named sets of load options. "low-memory", for a 24 GB GPU: the LTM bank (K/V rows and hidden
+# states) in host memory, prefetched per prompt; bfloat16. Its device budget at the released
+# geometry is computed by `mplus_fast.budget` (docs/memory_budget.md).
+PRESETS: dict[str, dict] = {
+    "low-memory": {"ltm_placement": "host", "dtype": torch.bfloat16},
+}
+
+
+def apply_preset(preset: str | None, **options) -> dict:
+    """`options` (load's keyword arguments, None where not given) with the preset's values filled
+    in; an option given explicitly that contradicts the preset is refused, naming both."""
+    if preset is None:
+        return options
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {list(PRESETS)}")
+    out = dict(options)
+    for key, value in PRESETS[preset].items():
+        given = out.get(key)
+        if given is not None and not _same_option(given, value):
+            raise ValueError(f"preset={preset!r} sets {key}={value!r}, but {key}={given!r} was given: drop one")
+        out[key] = value
+    return out
+
+
+def _same_option(given, value) -> bool:
+    if isinstance(value, torch.dtype) and isinstance(given, str):
+        return given.removeprefix("torch.") == str(value).removeprefix("torch.")
+    return given == value

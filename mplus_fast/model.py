@@ -20,7 +20,7 @@ from mplus_fast.backends import BACKENDS, make_backend
 from mplus_fast import inputs
 from mplus_fast.concurrency import ModelGate, serialised
 from mplus_fast.inputs import resolve_device, resolve_dtype
-from mplus_fast.loading import Placement
+from mplus_fast.loading import Placement, apply_preset
 
 LTM_PLACEMENTS = ("device", "host")
 from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord
@@ -123,8 +123,13 @@ class MPlus:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=None, backend: str = "fast",
-                        seed: int | None = None, age_mode: str = "inference", ltm_placement: str = "device",
-                        tokenizer="auto") -> "MPlus":
+                        seed: int | None = None, age_mode: str = "inference", ltm_placement: str | None = None,
+                        tokenizer="auto", preset: str | None = None) -> "MPlus":
+        """`mplus_fast.load`: the checkpoint streamed in, each tensor converted to its place.
+        `preset` ("low-memory"): named options (`mplus_fast.loading.PRESETS`); ltm_placement
+        None: "device" unless the preset says otherwise."""
+        chosen = apply_preset(preset, dtype=dtype, ltm_placement=ltm_placement)
+        dtype, ltm_placement = chosen["dtype"], chosen["ltm_placement"] or "device"
         device, dtype = _check_options(device, dtype, backend, seed, age_mode, ltm_placement)   # before reading
         config, tensors = load_checkpoint(path, lambda c: Placement(c, device, dtype, backend, ltm_placement).convert)
         gen = read_generation_config(path, config)

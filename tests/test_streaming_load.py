@@ -132,3 +132,16 @@ def test_options_are_checked_before_anything_is_read(tiny_ckpt, monkeypatch):
         mplus_fast.load(tiny_ckpt, ltm_placement="disk")
     with pytest.raises(ValueError, match="float64"):
         mplus_fast.load(tiny_ckpt, dtype=torch.float64)
+
+
+def test_the_low_memory_preset_places_the_bank_on_the_host(tiny_ckpt):
+    model = mplus_fast.load(tiny_ckpt, preset="low-memory", tokenizer=None)
+    assert model.ltm_placement == "host" and model.dtype == torch.bfloat16
+    assert mplus_fast.load(tiny_ckpt, preset="low-memory", dtype="bfloat16", tokenizer=None).dtype == torch.bfloat16
+
+
+def test_a_preset_contradicted_by_an_explicit_option_is_refused(tiny_ckpt):
+    with pytest.raises(ValueError, match=r"preset='low-memory' sets ltm_placement='host', but ltm_placement='device'"):
+        mplus_fast.load(tiny_ckpt, preset="low-memory", ltm_placement="device")
+    with pytest.raises(ValueError, match=r"preset='tiny' is not one of \['low-memory'\]"):
+        mplus_fast.load(tiny_ckpt, preset="tiny")
