@@ -109,7 +109,8 @@ def device_kind(device: torch.device) -> str:
 
 # ---------------------------------------------------------------------- naming what is live
 # Attribute paths of the model (indices folded to [*]) -> component names; the first match wins,
-# an unmatched path is reported as itself (a renamed field shows up, it is never lost).
+# an unmatched path is reported as itself (a renamed field shows up, it is never lost). Both the
+# backend's own fields and the memory store's columns (backend.store.*) are recognised.
 COMPONENTS = [
     (r"backend\.(dec|enc)\b.*|backend\.lm_head_t", "weights: fused and merged projections, lm_head"),
     (r"weights\.layers\[\*\]\.proj\b.*", "weights: originals of the adapted projections (for saving)"),
@@ -117,16 +118,16 @@ COMPONENTS = [
     (r"weights\.layers\[\*\]\.o_proj", "weights: fused and merged projections, lm_head"),   # a view of the fused o_proj
     (r"weights\..*", "weights: norms, selectors, bos"),
     (r"backend\.bos_(dec|enc)\b.*", "bos keys/values"),
-    (r"backend\.stm_h\b.*", "STM hidden states"),
-    (r"backend\.stm_kv\b.*", "STM K/V"),
-    (r"backend\.(order|stm_ages|stm_prov)\b.*", "STM slots, ages, provenance"),
+    (r"backend\.(stm_h|store\.stm\.columns\.hidden)\b.*", "STM hidden states"),
+    (r"backend\.(stm_kv|store\.stm\.columns\.kv)\b.*", "STM K/V"),
+    (r"backend\.(order|stm_ages|stm_prov|store\.stm)\b.*", "STM slots, ages, provenance"),
     (r"backend\._stm_rot\b.*", "rotated [bos | STM] keys/values (cached)"),
     (r"backend\._enc_prefix\b.*", "injection prefix K/V (cached)"),
-    (r"backend\.bank\[\*\]\.kv\b.*", "LTM bank K/V"),
-    (r"backend\.bank\[\*\]\.keys\b.*", "LTM retrieval keys"),
-    (r"backend\.bank\[\*\]\.hidden\b.*", "LTM hidden states (for saving)"),
-    (r"backend\.bank\[\*\]\..*", "LTM ages, recall frequencies, provenance"),
-    (r"backend\.pend\[\*\]\..*", "pending buffer"),
+    (r"backend\.(bank|store\.ltm)\[\*\]\.(columns\.)?kv\b.*", "LTM bank K/V"),
+    (r"backend\.(bank|store\.ltm)\[\*\]\.(columns\.)?keys\b.*", "LTM retrieval keys"),
+    (r"backend\.(bank|store\.ltm)\[\*\]\.(columns\.)?hidden\b.*", "LTM hidden states (for saving)"),
+    (r"backend\.(bank|store\.ltm)\[\*\]\..*", "LTM ages, recall frequencies, provenance"),
+    (r"backend\.(pend|store\.pend)\[\*\]\..*", "pending buffer"),
     (r"backend\._prefetch\..*", "prefetch staging"),
     (r"rope\..*", "RoPE frequencies"),
     (r"cache\..*", "decode cache"),
@@ -326,7 +327,7 @@ def run_budget(config: MPlusConfig, *, dtype: torch.dtype = torch.bfloat16, ltm_
     with FakeTensorMode(allow_non_fake_inputs=True), tally, simulated_accelerator(), torch.inference_mode():
         phase = _phases(budget, tally)
         with phase("load: stream the checkpoint"):
-            place = Placement(config, ACCELERATOR, dtype, "fast", ltm_placement)
+            place = Placement(config, ACCELERATOR, dtype, "fast")
             tensors = {}
             for name, (shape, stored) in checkpoint_shapes(config, ltm_rows).items():
                 source = torch.empty(shape, dtype=stored)              # the float32 buffer read from the file

@@ -4,14 +4,16 @@ loader (`checkpoint.read_tensors(convert=...)`) and `MPlus.__init__` share.
 A checkpoint is read tensor by tensor, and each tensor is converted as soon as it is read, so its
 float32 source is released before the next one is read (peak host memory: what the model keeps
 plus one tensor). The rule, for a model computing on `device` in `dtype`:
-- weights (every name of `weights.expected_weight_shapes`) and the memory's hidden states and
-  retrieval keys (`memory`, `ltm.i`, `ltm_keys.i`, `cached_dropped_memories.i`,
-  `cached_dropped_keys.i`) take the compute dtype;
-- they go to `device`, except, with the fast backend on a GPU, the base weights of the
-  LoRA-adapted projections: the fast backend computes with merged copies and keeps these
-  originals only to save the upstream layout, in host memory; they are loaded there directly
-  (`Weights.from_tensors` marks them to be merged on `device`), never staged through the GPU;
-  and, with `ltm_placement="host"`, the LTM and pending hidden states, which only saving reads;
+- weights (every name of `weights.expected_weight_shapes`) take the compute dtype and go to
+  `device`, except, with the fast backend on a GPU, the base weights of the LoRA-adapted
+  projections: the fast backend computes with merged copies and keeps these originals only to
+  save the upstream layout, in host memory; they are loaded there directly (and marked to be
+  merged on `device`, one projection at a time: `Weights.merge_adapted_on`), never staged
+  through the GPU;
+- the memory's rows (`memory`, `ltm.i`, `ltm_keys.i`, `cached_dropped_memories.i`,
+  `cached_dropped_keys.i`) take the compute dtype and stay on the host: the memory state copies
+  each to where the backend keeps it (the LTM hidden states of the fast backend stay on the
+  host; its bank K/V are computed from them), so none is staged through the GPU;
 - everything else (ages, recall frequencies, provenance, counters, generator and RoPE state) is
   small and exact: kept as read, on the host; the memory state converts it where it is used.
 """
@@ -27,7 +29,6 @@ from mplus_fast.weights import expected_weight_shapes
 
 HOST = torch.device("cpu")
 _MEMORY_ROWS = re.compile(r"(memory|ltm\.\d+|ltm_keys\.\d+|cached_dropped_memories\.\d+|cached_dropped_keys\.\d+)")
-_HIDDEN_ROWS = re.compile(r"(ltm|cached_dropped_memories)\.\d+")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,6 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     backend: str = "fast"
-    ltm_placement: str = "device"
 
     def __post_init__(self):
         object.__setattr__(self, "_weights", frozenset(expected_weight_shapes(self.config)))
@@ -59,9 +59,7 @@ class Placement:
         if name in self._weights:
             return self.device, self.dtype
         if _MEMORY_ROWS.fullmatch(name) and tensor.dtype.is_floating_point:
-            if self.ltm_placement == "host" and _HIDDEN_ROWS.fullmatch(name):
-                return HOST, self.dtype
-            return self.device, self.dtype
+            return HOST, self.dtype
         return HOST, tensor.dtype
 
     def convert(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,7 @@ class MPlus:
         self.age_mode = age_mode
         self.generation_config = dict(generation_config or {})
         # Each tensor in its place (mplus_fast.loading); those from_pretrained streamed in are there already.
-        placement = Placement(config, self.device, self.dtype, backend, ltm_placement)
+        placement = Placement(config, self.device, self.dtype, backend)
         tensors = placement.convert_all(tensors)
         self.weights = Weights.from_tensors(config, tensors)
         if placement.originals_on_host():
@@ -131,7 +131,7 @@ class MPlus:
         chosen = apply_preset(preset, dtype=dtype, ltm_placement=ltm_placement)
         dtype, ltm_placement = chosen["dtype"], chosen["ltm_placement"] or "device"
         device, dtype = _check_options(device, dtype, backend, seed, age_mode, ltm_placement)   # before reading
-        config, tensors = load_checkpoint(path, lambda c: Placement(c, device, dtype, backend, ltm_placement).convert)
+        config, tensors = load_checkpoint(path, lambda c: Placement(c, device, dtype, backend).convert)
         gen = read_generation_config(path, config)
         model = cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
                     generation_config=gen, ltm_placement=ltm_placement)
