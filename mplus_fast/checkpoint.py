@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable
 
@@ -141,17 +142,22 @@ def read_tensors(path: str | Path, infos: dict[str, TensorInfo] | None = None,
     if infos is None or headers is None:
         infos, headers = read_headers(path)
     tensors: dict[str, torch.Tensor] = {}
-    for f, header in headers.items():
-        crcs = saved_checksums(header)
-        try:
-            with open(f, "rb") as handle:
-                for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):   # one forward pass
-                    t = read_tensor_data(handle, header, info)
-                    check_tensor(name, t, f, crcs.get(name))
-                    tensors[name] = convert(name, t) if convert is not None else t
-                    del t
-        except OSError as exc:  # the disk failed, or the file went away
-            raise CheckpointError(f"{f}: cannot be read ({exc.strerror or exc})") from None
+    # The checks of a tensor (CRC-32, finiteness: both release the GIL) run on a worker thread
+    # while it is converted; its result is kept only once they pass.
+    with ThreadPoolExecutor(max_workers=1) as checker:
+        for f, header in headers.items():
+            crcs = saved_checksums(header)
+            try:
+                with open(f, "rb") as handle:
+                    for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):   # one forward pass
+                        t = read_tensor_data(handle, header, info)
+                        checked = checker.submit(check_tensor, name, t, f, crcs.get(name))
+                        converted = convert(name, t) if convert is not None else t
+                        checked.result()
+                        tensors[name] = converted
+                        del t, converted
+            except OSError as exc:  # the disk failed, or the file went away
+                raise CheckpointError(f"{f}: cannot be read ({exc.strerror or exc})") from None
     return tensors
 
 
