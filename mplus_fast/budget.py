@@ -318,6 +318,12 @@ def run_budget(config: MPlusConfig, *, dtype: torch.dtype = torch.bfloat16, ltm_
     static (allocated at prefill, one slot written per step), so fewer steps than `new_tokens`
     give the same peak, faster (a simulated step costs about a second here)."""
     from mplus_fast.model import MPlus
+    for name, value in (("batch", batch), ("prompt", prompt), ("new_tokens", new_tokens),
+                        ("decode_steps", 1 if decode_steps is None else decode_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"run_budget: {name}={value!r} must be a positive integer")
+    if ltm_rows is not None and (isinstance(ltm_rows, bool) or not isinstance(ltm_rows, int) or ltm_rows < 0):
+        raise ValueError(f"run_budget: ltm_rows={ltm_rows!r} must be a non-negative integer (rows per layer)")
     ltm_rows = config.max_ltm_tokens if ltm_rows is None else ltm_rows
     scenario = dict(layers=config.num_hidden_layers, hidden=config.hidden_size, stm=config.stm_size,
                     R=config.ltm_retrieved, ltm_rows=ltm_rows if config.is_mplus else 0, dtype=str(dtype).replace("torch.", ""),

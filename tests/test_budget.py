@@ -84,3 +84,10 @@ def test_cli_budget_on_a_checkpoint_config(tmp_path):
     assert "bank on the host" in result.output and "bank on the device" in result.output
     bad = CliRunner().invoke(app, ["budget", "--placement", "disk"])
     assert bad.exit_code == 2 and "--placement 'disk'" in bad.output
+
+
+@pytest.mark.parametrize("bad", [dict(batch=0), dict(prompt=-1), dict(decode_steps=0), dict(ltm_rows=-5), dict(batch=True)])
+def test_bad_scenarios_are_refused_naming_the_argument(bad):
+    from mplus_fast.budget import run_budget
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        run_budget(released_config(), **bad)
