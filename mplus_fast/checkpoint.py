@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from mplus_fast.atomic import JOURNAL, CommitError, commit_files, recover
+from mplus_fast.atomic import JOURNAL, CommitError, commit_files, folder_lock, recover
 from mplus_fast.checkpoint_checks import (OURS, CheckpointError, check_layout, check_state, check_tensor, check_tensors,
                                           checksum_metadata, saved_checksums)
 from mplus_fast.config import TOKEN_ID_FIELDS, ConfigError, MPlusConfig, check_token_id_field, strict_json
@@ -173,10 +173,13 @@ def load_checkpoint(path: str | Path, convert_for: Callable[[MPlusConfig], Conve
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (expected a Hugging Face style checkpoint folder)")
     recover(path)  # an interrupted save: complete it (or discard what it staged) before reading
-    config = MPlusConfig.from_file(path / "config.json")
-    infos, headers = read_headers(path)
-    check_layout(config, infos)
-    tensors = read_tensors(path, infos, headers, convert_for(config) if convert_for is not None else None)
+    # The files are read one after another: a save into this folder commits before or after the
+    # whole read, never between two of its files (saves take the folder's lock exclusively).
+    with folder_lock(path, shared=True):
+        config = MPlusConfig.from_file(path / "config.json")
+        infos, headers = read_headers(path)
+        check_layout(config, infos)
+        tensors = read_tensors(path, infos, headers, convert_for(config) if convert_for is not None else None)
     check_state(config, tensors)
     return config, tensors
 
