@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 
 def load(path, *, device="cpu", dtype=None, backend: str = "fast", seed: int | None = None,
-         age_mode: str = "inference", ltm_placement: str = "device", tokenizer="auto") -> MPlus:
+         age_mode: str = "inference", ltm_placement: str | None = None, tokenizer="auto",
+         preset: str | None = None) -> MPlus:
     """Load an M+ or MemoryLLM checkpoint (upstream layout, single-file or sharded safetensors).
 
     device: where weights and memory live ("cpu", "cuda", ...). dtype: compute dtype (default
@@ -27,7 +28,11 @@ def load(path, *, device="cpu", dtype=None, backend: str = "fast", seed: int | N
     parity) or "training" (ages the STM before each drop, as the reference's training code does).
     ltm_placement (fast backend): "device" keeps the LTM bank's keys/values on `device`; "host" keeps
     them in CPU memory (pinned when `device` is a GPU) and prefetches the retrieved rows per layer,
-    overlapped with the attention over [bos | STM | prompt].
+    overlapped with the attention over [bos | STM | prompt] (None: "device", unless a preset says otherwise).
+    preset: named options, "low-memory" (for 24 GB GPUs: ltm_placement="host", bfloat16; its
+    computed budget is in docs/memory_budget.md); an explicit option contradicting it is refused.
+    The checkpoint is streamed: each tensor is converted to its dtype and place as it is read
+    (`mplus_fast.loading`), so loading needs about what the model keeps plus one tensor.
     tokenizer: "auto" loads the folder's tokenizer.json (when the `tokenizers` package is installed)
     as `model.tokenizer`, for `model.complete` / `model.chat` / `model.inject_text`; None: none.
     path may also be a Hugging Face hub id ("org/name"): it is resolved from the local hub cache,
@@ -35,7 +40,7 @@ def load(path, *, device="cpu", dtype=None, backend: str = "fast", seed: int | N
     """
     from mplus_fast.hf.hub import resolve_checkpoint
     return MPlus.from_pretrained(resolve_checkpoint(path), device=device, dtype=dtype, backend=backend, seed=seed,
-                                 age_mode=age_mode, ltm_placement=ltm_placement, tokenizer=tokenizer)
+                                 age_mode=age_mode, ltm_placement=ltm_placement, tokenizer=tokenizer, preset=preset)
 
 
 __all__ = ["load", "MPlus", "MPlusOutput", "MPlusConfig", "ConfigError", "CheckpointError", "__version__"]

@@ -5,6 +5,8 @@ Reading treats the folder as untrusted: `config.json` (every field checked, `mpl
 the safetensors headers are checked against their files and the tensors' names, shapes and dtypes
 against the config before anything is allocated; values (finite, valid state, saved CRC-32) as
 they are read (`mplus_fast.checkpoint_checks`). Only safetensors is read: nothing is unpickled.
+Tensors stream in one at a time, each converted to its place in the model (`mplus_fast.loading`)
+before the next is read, so loading holds what the model keeps plus one tensor.
 Every failure is one CheckpointError or ConfigError naming the file, field or tensor. Writing: the same layout, plus the extra state that lets a reload continue exactly
 (pending buffer, ages, update step; provenance, generator and RoPE state under `mplus_fast.`),
 written as one crash-safe commit into the folder (`mplus_fast.atomic`): only the checkpoint's
@@ -18,14 +20,16 @@ import errno
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from mplus_fast.atomic import JOURNAL, CommitError, commit_files, recover
-from mplus_fast.checkpoint_checks import (OURS, CheckpointError, check_layout, check_state, check_tensors,
+from mplus_fast.atomic import JOURNAL, CommitError, commit_files, folder_lock, recover
+from mplus_fast.checkpoint_checks import (OURS, CheckpointError, check_layout, check_state, check_tensor, check_tensors,
                                           checksum_metadata, saved_checksums)
 from mplus_fast.config import TOKEN_ID_FIELDS, ConfigError, MPlusConfig, check_token_id_field, strict_json
 from mplus_fast.safetensors_header import Header, HeaderError, TensorInfo, read_header
@@ -111,42 +115,71 @@ def read_headers(path: str | Path) -> tuple[dict[str, TensorInfo], dict[Path, He
     return infos, headers
 
 
+Convert = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def read_tensor_data(handle: BinaryIO, header: Header, info: TensorInfo) -> torch.Tensor:
+    """One tensor's bytes, read from the open file `handle` straight into a tensor of its own
+    (a positioned read: the file is never mapped whole, so its pages never count against the
+    process, and the buffer is freed as soon as the tensor is)."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        handle.seek(header.data_start + info.begin)
+        got = handle.readinto(memoryview(buf.numpy()))
+        if got != info.nbytes:   # the header was checked against the file: it changed under us
+            raise CheckpointError(f"{header.file}: tensor data ended after {got:,} of {info.nbytes:,} bytes "
+                                  "(the file was truncated while it was read)")
+    return buf.view(info.dtype).reshape(info.shape)
+
+
 def read_tensors(path: str | Path, infos: dict[str, TensorInfo] | None = None,
-                 headers: dict[Path, Header] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of the checkpoint folder `path`, each checked as it is read (`check_tensors`:
-    finite floats, the CRC-32 it was saved with). Pass what `read_headers` returned to read no
-    header twice."""
+                 headers: dict[Path, Header] | None = None, convert: Convert | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint folder `path`, streamed: each is read, checked
+    (`check_tensor`: the CRC-32 it was saved with, finite floats), then handed to
+    `convert(name, tensor)` (its dtype and device in the model, `mplus_fast.loading`) before the
+    next one is read, so the source of each is released as soon as it is consumed: the peak is
+    what is kept plus one tensor. Pass what `read_headers` returned to read no header twice."""
     if infos is None or headers is None:
         infos, headers = read_headers(path)
     tensors: dict[str, torch.Tensor] = {}
-    files: dict[str, Path] = {}
-    crcs: dict[str, int] = {}
-    for f, header in headers.items():
-        crcs.update(saved_checksums(header))
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                for name in header.tensors:
-                    tensors[name] = handle.get_tensor(name)
-                    files[name] = f
-        except (SafetensorError, OSError) as exc:  # the file changed under us, or the disk failed
-            raise CheckpointError(f"{f}: cannot be read ({exc})") from None
-    check_tensors(tensors, files, {k: v for k, v in crcs.items() if k in tensors})
+    # The checks of a tensor (CRC-32, finiteness: both release the GIL) run on a worker thread
+    # while it is converted; its result is kept only once they pass.
+    with ThreadPoolExecutor(max_workers=1) as checker:
+        for f, header in headers.items():
+            crcs = saved_checksums(header)
+            try:
+                with open(f, "rb") as handle:
+                    for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].begin):   # one forward pass
+                        t = read_tensor_data(handle, header, info)
+                        checked = checker.submit(check_tensor, name, t, f, crcs.get(name))
+                        converted = convert(name, t) if convert is not None else t
+                        checked.result()
+                        tensors[name] = converted
+                        del t, converted
+            except OSError as exc:  # the disk failed, or the file went away
+                raise CheckpointError(f"{f}: cannot be read ({exc.strerror or exc})") from None
     return tensors
 
 
-def load_checkpoint(path: str | Path) -> tuple[MPlusConfig, dict[str, torch.Tensor]]:
+def load_checkpoint(path: str | Path, convert_for: Callable[[MPlusConfig], Convert] | None = None
+                    ) -> tuple[MPlusConfig, dict[str, torch.Tensor]]:
     """config.json and every tensor of a checkpoint folder, checked: the config's fields, then the
-    tensors' names, shapes and dtypes from the headers (before any is read), then their values."""
+    tensors' names, shapes and dtypes from the headers (before any is read), then their values as
+    they stream in. `convert_for(config)` gives the conversion applied to each tensor as it is
+    read (`read_tensors`; e.g. `loading.Placement(...).convert`); none: tensors as stored, on the CPU."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory (expected a Hugging Face style checkpoint folder)")
     recover(path)  # an interrupted save: complete it (or discard what it staged) before reading
-    config = MPlusConfig.from_file(path / "config.json")
-    infos, headers = read_headers(path)
-    check_layout(config, infos)
-    tensors = read_tensors(path, infos, headers)
+    # The files are read one after another: a save into this folder commits before or after the
+    # whole read, never between two of its files (saves take the folder's lock exclusively).
+    with folder_lock(path, shared=True):
+        config = MPlusConfig.from_file(path / "config.json")
+        infos, headers = read_headers(path)
+        check_layout(config, infos)
+        tensors = read_tensors(path, infos, headers, convert_for(config) if convert_for is not None else None)
     check_state(config, tensors)
     return config, tensors
 

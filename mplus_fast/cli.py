@@ -1,4 +1,4 @@
-"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, serve, eval, train.
+"""The `mplus-fast` command line: demo, inspect, generate, inject, bench, budget, serve, eval, train.
 
 Commands stay thin: they parse options, call the public API (`mplus_fast.load`, `MPlus`), and
 print with rich. User errors (missing checkpoint, bad ids, bad options) print one red line and
@@ -257,6 +257,40 @@ def bench(
     device, dt = str(parse_device(device)), parse_dtype(dtype)
     run_bench(str(ckpt) if ckpt else None, prompt_len, new_tokens, repeats, seed, device, dt,
               str(profile) if profile else None, backend)
+
+
+@app.command()
+@user_errors
+def budget(
+    ckpt: Optional[Path] = typer.Argument(None, help="Checkpoint folder whose config.json gives the geometry "
+                                                      "(only the config is read; default: the released M+ 8B)."),
+    placement: str = typer.Option("host", help="Where the LTM bank lives: host, device, or both (one table each)."),
+    batch: int = typer.Option(1, help="Sequences prefilled and decoded together."),
+    prompt_len: int = typer.Option(512, help="Prompt tokens per sequence."),
+    new_tokens: int = typer.Option(64, help="Tokens the decode cache holds room for."),
+    decode_steps: int = typer.Option(1, help="Decode steps simulated (the cache is static: one step gives the "
+                                             "peak of all; each costs about a second)."),
+    ltm_rows: Optional[int] = typer.Option(None, help="LTM rows per layer (default: the config's cap)."),
+    dtype: str = typer.Option("bfloat16", help="Compute dtype: bfloat16, float16 or float32."),
+):
+    """The GPU memory budget (and host memory) of load, prefill and decode, computed by running the
+    engine on data-less tensors and counting what it allocates (mplus_fast.budget; no GPU needed)."""
+    from mplus_fast.budget import released_config, run_budget
+    from mplus_fast.config import MPlusConfig
+    placements = {"host": ["host"], "device": ["device"], "both": ["host", "device"]}.get(placement)
+    if placements is None:
+        raise CLIError(f"--placement {placement!r} is not one of host, device, both")
+    for name, value in (("--batch", batch), ("--prompt-len", prompt_len), ("--new-tokens", new_tokens),
+                        ("--decode-steps", decode_steps)):
+        if value < 1:
+            raise CLIError(f"{name} {value} must be at least 1")
+    if ltm_rows is not None and ltm_rows < 0:
+        raise CLIError(f"--ltm-rows {ltm_rows} must be non-negative")
+    config = MPlusConfig.from_file(ckpt / "config.json") if ckpt else released_config()
+    for where in placements:
+        b = run_budget(config, dtype=parse_dtype(dtype), ltm_placement=where, ltm_rows=ltm_rows, batch=batch,
+                       prompt=prompt_len, new_tokens=new_tokens, decode_steps=decode_steps)
+        typer.echo(b.table())
 
 
 @app.command()

@@ -21,6 +21,7 @@ from mplus_fast.backends import BACKENDS, make_backend
 from mplus_fast import inputs
 from mplus_fast.concurrency import ModelGate, serialised
 from mplus_fast.inputs import resolve_device, resolve_dtype
+from mplus_fast.loading import Placement, apply_preset
 
 LTM_PLACEMENTS = ("device", "host")
 from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord
@@ -64,6 +65,26 @@ def _folder_tokenizer(path, tokenizer):
     return tokenizer
 
 
+def _check_options(device, dtype, backend, seed, age_mode, ltm_placement) -> tuple[torch.device, torch.dtype]:
+    """The model's options checked (before anything is read or built): its device and dtype."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not available (choose from {list(BACKENDS)})")
+    if age_mode not in AGE_MODES:
+        raise ValueError(f"age_mode={age_mode!r} is not one of {list(AGE_MODES)}")
+    if ltm_placement not in LTM_PLACEMENTS:
+        raise ValueError(f"ltm_placement={ltm_placement!r} is not one of {list(LTM_PLACEMENTS)}")
+    if ltm_placement != "device" and backend != "fast":
+        raise ValueError(f"ltm_placement={ltm_placement!r} needs backend='fast' (the reference keeps its bank as loaded)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed={seed!r} must be an integer or None")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if dtype == torch.float64 and backend != "reference":
+        raise ValueError(f"dtype=torch.float64 needs backend='reference' (the {backend} backend's kernels run "
+                         "float32, bfloat16 and float16)")
+    return device, dtype
+
+
 class MPlus:
     """An M+ (or MemoryLLM) model with its memory. Create with `mplus_fast.load(path)`."""
 
@@ -74,27 +95,17 @@ class MPlus:
         # Names this model's weights in this dtype: a snapshot's cached K/V are reused on restore
         # only by the model that made them (mplus_fast.memories).
         self.derived_tag = secrets.token_hex(8)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not available (choose from {list(BACKENDS)})")
-        if age_mode not in AGE_MODES:
-            raise ValueError(f"age_mode={age_mode!r} is not one of {list(AGE_MODES)}")
-        if ltm_placement not in LTM_PLACEMENTS:
-            raise ValueError(f"ltm_placement={ltm_placement!r} is not one of {list(LTM_PLACEMENTS)}")
-        if ltm_placement != "device" and backend != "fast":
-            raise ValueError(f"ltm_placement={ltm_placement!r} needs backend='fast' (the reference keeps its bank as loaded)")
+        self.device, self.dtype = _check_options(device, dtype, backend, seed, age_mode, ltm_placement)
         self.ltm_placement = ltm_placement
         self.config = config
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed={seed!r} must be an integer or None")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        if self.dtype == torch.float64 and backend != "reference":
-            raise ValueError(f"dtype=torch.float64 needs backend='reference' (the {backend} backend's kernels run "
-                             "float32, bfloat16 and float16)")
         self.age_mode = age_mode
         self.generation_config = dict(generation_config or {})
-        cast = lambda t: t.to(device=self.device, dtype=self.dtype)
-        self.weights = Weights.from_tensors(config, tensors).map(cast)
+        # Each tensor in its place (mplus_fast.loading); those from_pretrained streamed in are there already.
+        placement = Placement(config, self.device, self.dtype, backend)
+        tensors = placement.convert_all(tensors)
+        self.weights = Weights.from_tensors(config, tensors)
+        if placement.originals_on_host():
+            self.weights.merge_adapted_on(self.device)
         # bf16/fp16 parity: the reference casts RoPE's inverse frequencies along with the model.
         self.rope = RotaryEmbedding(config, round_inv_freq_to=None if self.dtype == torch.float32 else self.dtype,
                                     device=self.device)
@@ -117,9 +128,15 @@ class MPlus:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device="cpu", dtype=None, backend: str = "fast",
-                        seed: int | None = None, age_mode: str = "inference", ltm_placement: str = "device",
-                        tokenizer="auto") -> "MPlus":
-        config, tensors = load_checkpoint(path)
+                        seed: int | None = None, age_mode: str = "inference", ltm_placement: str | None = None,
+                        tokenizer="auto", preset: str | None = None) -> "MPlus":
+        """`mplus_fast.load`: the checkpoint streamed in, each tensor converted to its place.
+        `preset` ("low-memory"): named options (`mplus_fast.loading.PRESETS`); ltm_placement
+        None: "device" unless the preset says otherwise."""
+        chosen = apply_preset(preset, dtype=dtype, ltm_placement=ltm_placement)
+        dtype, ltm_placement = chosen["dtype"], chosen["ltm_placement"] or "device"
+        device, dtype = _check_options(device, dtype, backend, seed, age_mode, ltm_placement)   # before reading
+        config, tensors = load_checkpoint(path, lambda c: Placement(c, device, dtype, backend).convert)
         gen = read_generation_config(path, config)
         model = cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
                     generation_config=gen, ltm_placement=ltm_placement)

@@ -26,6 +26,10 @@ class LoraLinear:
     weight: torch.Tensor                                   # (out, in)
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (A (r,in), B (out,r))
     scale: float = 0.0
+    # Where `effective_weight` builds merged copies; None: where the weight is. Set when the
+    # original waits in host memory (kept only for saving) while the model computes on a GPU:
+    # the merged copy is made there, one projection at a time (`mplus_fast.loading`).
+    merge_device: torch.device | None = None
 
     def __call__(self, x: torch.Tensor, adapter: str | None) -> torch.Tensor:
         y = torch.nn.functional.linear(x, self.weight)
@@ -36,10 +40,12 @@ class LoraLinear:
 
     def effective_weight(self, adapter: str | None) -> torch.Tensor:
         """W + scale · B A: the merged projection for one adapter (used by fast paths)."""
+        w = self.weight if self.merge_device is None else self.weight.to(self.merge_device)
         if adapter is None or adapter not in self.adapters:
-            return self.weight
-        a, b = self.adapters[adapter]
-        return self.weight + (b.float() @ a.float() * self.scale).to(self.weight.dtype)
+            return w
+        a, b = (x.to(w.device) for x in self.adapters[adapter])
+        delta = (b.float() @ a.float() * self.scale).to(w.dtype)
+        return w.add_(delta) if w is not self.weight else w + delta   # a fresh device copy is merged in place
 
 
 @dataclass
@@ -126,6 +132,14 @@ class Weights:
         tied = self.lm_head is self.embed
         embed = fn(self.embed)
         return Weights(embed, embed if tied else fn(self.lm_head), fn(self.final_norm), fn(self.bos), fn(self.new_memory_pos), layers)
+
+    def merge_adapted_on(self, device) -> None:
+        """Make the adapted projections build their merged copies on `device` (their base
+        weights stay where they are: in host memory, for saving)."""
+        for layer in self.layers:
+            for lin in layer.proj.values():
+                if lin.adapters:
+                    lin.merge_device = torch.device(device)
 
     def move_projections(self, device) -> None:
         """Move the adapted projections (base weights and LoRA A/B) to `device`, in place. The fast

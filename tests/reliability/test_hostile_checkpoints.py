@@ -43,10 +43,10 @@ def raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
 
 
 def no_tensor_is_read(monkeypatch):
-    """Fail the test if anything reaches safetensors' loader (the refusal must come first)."""
+    """Fail the test if any tensor's data is read (the refusal must come first)."""
     def refuse(*a, **k):
         raise AssertionError("a tensor was read before the checkpoint was refused")
-    monkeypatch.setattr(checkpoint, "safe_open", refuse)
+    monkeypatch.setattr(checkpoint, "read_tensor_data", refuse)
 
 
 def cli(*args):
