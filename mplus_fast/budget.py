@@ -217,7 +217,7 @@ class Budget:
         """Engine changes that would shed device memory while serving, each with the bytes it
         frees in this run (read off the components, not estimated)."""
         dev = lambda name: self.at_decode.get((name, "device"), 0)
-        return [
+        levers = [
             ("STM hidden states on the host (only injections and saving read them)", dev("STM hidden states")),
             ("decode attends the batch-shared [bos | STM] prefix in place (log-sum-exp merge), not a copy per sequence",
              self.shared_prefix_in_decode_cache),
@@ -226,6 +226,7 @@ class Budget:
             ("token embeddings on the host (a step's rows gathered there and copied over: d values per token)",
              dev("weights: token embeddings")),
         ]
+        return [(what, n) for what, n in levers if n > 0]   # a lever already pulled frees nothing
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)

@@ -157,6 +157,12 @@ class SlottedSTM:
         layer = torch.arange(col.shape[0], device=col.device)[:, None]
         return col[layer, slots.to(col.device)]
 
+    def rows(self, name: str, l: int, positions: slice, device) -> torch.Tensor:
+        """Rows of layer l's column `name` at the logical `positions`, on `device` (a column may
+        live on the host)."""
+        col = self.columns[name]
+        return col[l, self.order[l, positions].to(col.device)].to(device)
+
     def land(self, drop: torch.Tensor) -> torch.Tensor:
         """Drop the logical positions `drop` (L, T) (distinct per layer, any order) and make room
         for T new rows at logical positions N−T … N−1; returns their slots (L, T): new row j of
@@ -173,7 +179,7 @@ class SlottedSTM:
         """Write rows (L, T, *row) of every column at `slots` (L, T)."""
         for name, col in self.columns.items():
             layer = torch.arange(col.shape[0], device=col.device)[:, None]
-            col[layer, slots.to(col.device)] = rows[name].to(col.dtype)
+            col[layer, slots.to(col.device)] = rows[name].to(col.device, col.dtype)
 
     def detach_(self) -> None:
         self.columns = {n: c.detach() for n, c in self.columns.items()}
@@ -197,8 +203,8 @@ class MemoryStore:
         L, N = state.stm.shape[:2]
         if given is not None:
             _check_given(given, state, layout)
-        order = (state.stm_slots if state.stm_slots is not None else torch.arange(N).repeat(L, 1))
-        order = order.to(device=layout.stm["ages"].device, dtype=torch.int64, copy=True)
+        source_order = state.stm_slots if state.stm_slots is not None else torch.arange(N).repeat(L, 1)
+        order = source_order.to(device=layout.stm["ages"].device, dtype=torch.int64, copy=True)
         logical = {"hidden": state.stm, "ages": state.stm_ages, "prov": state.stm_prov}
         if given is not None:
             logical.update({name: given[f"stm.{name}"] for name in derived_names(layout.stm)})
@@ -209,7 +215,8 @@ class MemoryStore:
         columns = {}
         for name, spec in layout.stm.items():
             col = torch.empty((L, N, *spec.row_shape), dtype=spec.dtype, device=spec.device)
-            col.scatter_(1, _expand_index(order.to(spec.device), col), logical[name].to(spec.device, spec.dtype))
+            index = source_order.to(spec.device, torch.int64)      # from where the state has it (a host column
+            col.scatter_(1, _expand_index(index, col), logical[name].to(spec.device, spec.dtype))   # needs no device copy)
             columns[name] = col
         store = cls(config, layout, SlottedSTM(columns, order), [], [], state.update_step, state.next_injection_id,
                     state.initialized)

@@ -55,7 +55,8 @@ def test_the_released_budget_counts_what_the_geometry_implies(host_budget):
     lora_corrections = at[("weights: fused and merged projections, lm_head", "device")] - merged - V * d * 2
     assert 0 <= lora_corrections < 0.2 * GB                                # rank-16 encoder corrections only
     assert at[("weights: token embeddings", "device")] == V * d * 2
-    assert at[("STM hidden states", "device")] == L * c.stm_size * d * 2
+    assert at[("STM hidden states", "host")] == L * c.stm_size * d * 2         # with the bank, on the host
+    assert ("STM hidden states", "device") not in at
     assert at[("STM K/V", "device")] == L * c.stm_size * kv_row
     assert at[("LTM bank K/V", "host")] == L * RELEASED_LTM_TOKENS * kv_row
     assert ("LTM bank K/V", "device") not in at                            # the host placement holds

@@ -113,6 +113,8 @@ def test_host_placement_keeps_no_ltm_bytes_on_the_device():
     layout = store_layout(CFG, torch.bfloat16, meta, "host")
     for specs in (layout.bank, layout.pending):
         assert specs["hidden"].device.type == "cpu" and specs["kv"].device.type == "cpu"
+    assert layout.stm["hidden"].device.type == "cpu"              # read only by injections and saving
+    assert layout.stm["kv"].device == meta and store_layout(CFG, torch.bfloat16, meta, "device").stm["hidden"].device == meta
 
     class HostKV:  # K/V computed on the host (a stand-in for the device projection + copy back)
         def columns(self, l, hidden):
@@ -125,7 +127,7 @@ def test_host_placement_keeps_no_ltm_bytes_on_the_device():
     sizes = store.nbytes()
     for component in ("bank_kv", "hidden_states"):
         assert set(sizes[component]) == {"cpu"} and sizes[component]["cpu"] > 0, component
-    assert set(sizes["stm"]) == {"meta"}
+    assert set(sizes["stm"]) == {"meta", "cpu"}                  # K/V, ages, slots on the device; hidden on the host
     assert set(sizes["retrieval_keys"]) == {"meta"}
 
 

@@ -19,7 +19,8 @@ row enters the STM, and moved with it to the pending buffer and the LTM bank by 
 update and merge. Placement (`store_layout`): STM columns and the bank's retrieval keys, ages,
 recall frequencies and provenance on the compute device; the bank's and pending buffer's K/V on
 the compute device ("device") or in host memory ("host", pinned when computing on a GPU); their
-hidden states always on the host (only `save_pretrained` / `model.state` need them). Synthetic rows
+hidden states always on the host (only `save_pretrained` / `model.state` need them), and with
+"host" the STM's hidden states too (injections copy the T rows a layer they read). Synthetic rows
 for benchmarks (`add_synthetic_ltm`) have no hidden states, and such a memory refuses to be
 materialised or saved.
 """
@@ -48,7 +49,10 @@ def store_layout(config, dtype: torch.dtype, device: torch.device, placement: st
     pin = bank_kv_device.type == "cpu" and torch.device(device).type != "cpu"
     hidden = ColumnSpec((config.hidden_size,), dtype, host)
     bank_kv = ColumnSpec(kv_shape, dtype, bank_kv_device, pin)
-    return StoreLayout(stm={**base.stm, "kv": ColumnSpec(kv_shape, dtype, torch.device(device))},
+    # With the bank on the host the STM hidden states go there too: only injections (T rows a
+    # layer, copied over) and saving read them, and they are 2.7 GB of the released model's budget.
+    stm_hidden = hidden if placement == "host" else base.stm["hidden"]
+    return StoreLayout(stm={**base.stm, "hidden": stm_hidden, "kv": ColumnSpec(kv_shape, dtype, torch.device(device))},
                        bank={**base.bank, "hidden": hidden, "kv": bank_kv},
                        pending={**base.pending, "hidden": hidden, "kv": bank_kv})
 

@@ -29,7 +29,7 @@ def inject(eng, ids: torch.Tensor) -> torch.Tensor:
             k_pre, v_pre = injection_prefix(eng, l, inv_freq)
             rows = x
             if lead:  # a short context: the last `lead` STM tokens are queried too
-                queried = stm.columns["hidden"][l, stm.order[l, c.stm_size - lead:]]
+                queried = stm.rows("hidden", l, slice(c.stm_size - lead, None), x.device)
                 rows = torch.cat([queried[None].to(x.dtype), x], dim=1)
             rows = torch.cat([rows[:, :-T], rows[:, -T:] + m.weights.new_memory_pos], dim=1)
             q, k_t, v_t = eng.split_qkv(fused.qkv(eng.norm(l, rows)))
@@ -50,7 +50,7 @@ def injection_prefix(eng, l, inv_freq):
     if cached is not None and torch.equal(cached[0], inv_freq):
         return cached[1], cached[2]
     T, stm = eng.cfg.num_tokens, eng.store.stm
-    rows = stm.columns["hidden"][l, stm.order[l, -T:]]
+    rows = stm.rows("hidden", l, slice(-T, None), eng.m.device)
     kv = torch.cat([eng.bos_enc[l], eng.kv_rows(l, rows, eng.enc)])      # (1+T, 2, Hkv, D)
     k = kv[:, 0].transpose(0, 1)[None]                                     # (1, Hkv, 1+T, D)
     v = kv[:, 1].transpose(0, 1)[None]
