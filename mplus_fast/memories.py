@@ -60,9 +60,12 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def tensors_key(tensors: dict[str, torch.Tensor]) -> tuple:
+def tensors_key(tensors: dict[str, torch.Tensor]) -> tuple | None:
     """Names, identities and in-place version counters of `tensors`: equal only while none is
-    replaced or modified."""
+    replaced or modified. None when one is an inference tensor (made under torch.inference_mode:
+    it keeps no version counter, so its changes cannot be seen)."""
+    if any(t.is_inference() for t in tensors.values()):
+        return None
     return tuple(sorted((name, id(t), t._version) for name, t in tensors.items()))
 
 
@@ -95,7 +98,7 @@ class Memory:
         """Whether the derived columns belong to the model tagged `tag` and to these very tensors,
         unchanged since (a tensor replaced or edited in place makes them stale: recomputed then)."""
         return (self.derived is not None and tag is not None and self.derived_tag == tag
-                and self.derived_of == tensors_key(self.tensors))
+                and self.derived_of is not None and self.derived_of == tensors_key(self.tensors))
 
     clone = fork
 
@@ -119,8 +122,9 @@ class Memory:
 # ---------------------------------------------------------------------- model side
 def snapshot(model) -> Memory:
     weights = set(model.weights.to_tensors(model.config))
-    tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_tensors().items()
-               if k not in weights and k not in MODEL_STATE}
+    with torch.inference_mode(False):    # ordinary tensors, even when taken inside a generate's callback
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in model.state_tensors().items()
+                   if k not in weights and k not in MODEL_STATE}
     memory = Memory(tensors, config_fingerprint(model.config), config_summary(model.config), {"snapshot_at": time.time()})
     export = getattr(model.backend, "derived_rows", None)
     if export is not None:

@@ -200,3 +200,20 @@ def test_edited_memory_tensors_make_the_kv_stale(ckpt, monkeypatch):
     calls.clear()
     model.restore(memory)
     assert calls
+
+
+def test_snapshot_taken_under_inference_mode_keeps_its_kv(ckpt, monkeypatch):
+    """A snapshot from inside a generate's streamer (torch.inference_mode) holds ordinary tensors,
+    so its K/V can still be checked and handed over; a memory of inference tensors is recomputed."""
+    model = mplus_fast.load(ckpt)
+    _inject(model, 4, seed=2)
+    with torch.inference_mode():
+        memory = model.snapshot()
+    assert not any(t.is_inference() for t in memory.tensors.values())
+    calls = _no_projection(monkeypatch)
+    model.restore(memory)
+    assert calls == []
+    with torch.inference_mode():
+        memory.tensors = {k: v.clone() for k, v in memory.tensors.items()}   # inference tensors: untrackable
+    model.restore(memory)
+    assert calls
