@@ -14,8 +14,9 @@
     [model.config]               # config.json fields of a model trained from scratch (vocab_size: the tokenizer's)
 
     [tokenizer]
-    path = "…/tokenizer.json"    # an existing tokenizer, or:
-    vocab_size = 2048            # train a byte-level BPE on the training books
+    path = "…/tokenizer.json"    # an existing tokenizer, or one trained on the training books:
+    kind = "word"                # whole words, rarer ones spelled (`vocab.py`), or "bpe" (byte-level BPE)
+    vocab_size = 512
 
     [data]
     kind = "synthetic"           # facts planted in the books (`facts.py`), or "jsonl" (`mplus_fast.qa` records)
@@ -61,6 +62,7 @@ class ModelSection:
 @dataclass
 class TokenizerSection:
     path: str | None = None
+    kind: str = "bpe"
     vocab_size: int = 2048
 
 
@@ -103,6 +105,8 @@ class Stage:
     repeat_weight: float = 0.0        # loss on reading this step's contexts back from the memory
     repeats: int = 1                  # contexts read back per step (the newest ones within reach)
     distractors: str = "prose"        # "random": uniformly random tokens (only the memory predicts them)
+    random_tokens: int = 0            # random distractors draw ids 3 … 2 + this (0: the fact lexicon's tokens)
+    vocab_limit: int = 0              # the losses' softmax over the first this many ids only (0: all): a small-vocabulary curriculum
     retriever_weight: float = 0.0     # BCE of the retrieval scores (0: the retriever is not trained)
     negative_weight: float = 1.0
 
@@ -117,7 +121,8 @@ class Stage:
         for name in ("lr", "retriever_lr"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("weight_decay", "warmup", "grad_clip", "recall_questions", "qa_weight", "continuation_weight",
-                     "retriever_weight", "negative_weight", "stm_only_max_distance", "repeat_weight", "repeats"):
+                     "retriever_weight", "negative_weight", "stm_only_max_distance", "repeat_weight", "repeats",
+                     "random_tokens", "vocab_limit"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         need(0 <= self.retrieve <= 1, "retrieve", "must be a share between 0 and 1")
         need(self.distractors in ("prose", "random"), "distractors", "must be \"prose\" or \"random\"")
@@ -246,6 +251,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         raise TrainConfigError(f"{where}: model.config is only for model.init = \"scratch\" (the checkpoint has its own)")
     if not m.init_std > 0:
         raise TrainConfigError(f"{where}: model.init_std={m.init_std!r} must be positive")
+    if cfg.tokenizer.kind not in ("word", "bpe"):
+        raise TrainConfigError(f"{where}: tokenizer.kind={cfg.tokenizer.kind!r} must be \"word\" or \"bpe\"")
     if cfg.data.kind not in ("synthetic", "jsonl"):
         raise TrainConfigError(f"{where}: data.kind={cfg.data.kind!r} must be \"synthetic\" or \"jsonl\"")
     if cfg.data.kind == "jsonl" and not cfg.data.path:

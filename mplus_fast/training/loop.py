@@ -158,7 +158,7 @@ class StageRun:
         st, tm, rng = self.stage, self.tm, self.rng
         tm.detach_memory()
         ep = self.setup.source.episode(rng, st.injections, st.facts, st.continuation_tokens if st.continuation_weight else 0,
-                                       random_distractors=st.distractors == "random")
+                                       random_distractors=st.distractors == "random", random_tokens=st.random_tokens)
         retrieve = rng.random() < st.retrieve
         K = len(ep.injections)
         reach = K if retrieve else min(K, st.stm_only_max_distance + 1)
@@ -195,17 +195,18 @@ class StageRun:
         observe = (lambda l, x: inputs.__setitem__(l, x)) if st.retriever_weight else None
         res = tm.read(batch.ids, batch.valid, retrieve=retrieve, query_mask=batch.query_mask, observe=observe)
         tokens += int(batch.valid.sum())
-        loss = res.logits.sum() * 0.0
+        logits = res.logits[..., :st.vocab_limit] if st.vocab_limit else res.logits
+        loss = logits.sum() * 0.0
         for kind, weight in (("qa", st.qa_weight), ("repeat", st.repeat_weight), ("continuation", st.continuation_weight)):
             chosen = batch.of(kind)
             if not weight or not bool(chosen.any()):
                 continue
-            s, n = obj.token_loss(res.logits, batch.targets, chosen)
+            s, n = obj.token_loss(logits, batch.targets, chosen)
             loss = loss + weight * s / max(n, 1)
             meter.add(f"{kind}_loss", float(s.detach()), n)
         qa = batch.of("qa")
         if bool(qa.any()):
-            exact = obj.answer_exact(res.logits, batch.targets, qa)
+            exact = obj.answer_exact(logits, batch.targets, qa)
             for d, ok in zip(distances, exact.tolist()):
                 meter.add("qa_acc", float(ok))
                 meter.add(f"qa_acc_{'stm' if not retrieve else 'ret'}_{bucket(d)}", float(ok))
