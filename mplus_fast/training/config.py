@@ -106,7 +106,6 @@ class Stage:
     repeats: int = 1                  # contexts read back per step (the newest ones within reach)
     distractors: str = "prose"        # "random": uniformly random tokens (only the memory predicts them)
     random_tokens: int = 0            # random distractors draw ids 3 … 2 + this (0: the fact lexicon's tokens)
-    vocab_limit: int = 0              # the losses' softmax over the first this many ids only (0: all): a small-vocabulary curriculum
     retriever_weight: float = 0.0     # BCE of the retrieval scores (0: the retriever is not trained)
     negative_weight: float = 1.0
 
@@ -122,7 +121,7 @@ class Stage:
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("weight_decay", "warmup", "grad_clip", "recall_questions", "qa_weight", "continuation_weight",
                      "retriever_weight", "negative_weight", "stm_only_max_distance", "repeat_weight", "repeats",
-                     "random_tokens", "vocab_limit"):
+                     "random_tokens"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         need(0 <= self.retrieve <= 1, "retrieve", "must be a share between 0 and 1")
         need(self.distractors in ("prose", "random"), "distractors", "must be \"prose\" or \"random\"")

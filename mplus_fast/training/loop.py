@@ -195,18 +195,17 @@ class StageRun:
         observe = (lambda l, x: inputs.__setitem__(l, x)) if st.retriever_weight else None
         res = tm.read(batch.ids, batch.valid, retrieve=retrieve, query_mask=batch.query_mask, observe=observe)
         tokens += int(batch.valid.sum())
-        logits = res.logits[..., :st.vocab_limit] if st.vocab_limit else res.logits
-        loss = logits.sum() * 0.0
+        loss = res.logits.sum() * 0.0
         for kind, weight in (("qa", st.qa_weight), ("repeat", st.repeat_weight), ("continuation", st.continuation_weight)):
             chosen = batch.of(kind)
             if not weight or not bool(chosen.any()):
                 continue
-            s, n = obj.token_loss(logits, batch.targets, chosen)
+            s, n = obj.token_loss(res.logits, batch.targets, chosen)
             loss = loss + weight * s / max(n, 1)
             meter.add(f"{kind}_loss", float(s.detach()), n)
         qa = batch.of("qa")
         if bool(qa.any()):
-            exact = obj.answer_exact(logits, batch.targets, qa)
+            exact = obj.answer_exact(res.logits, batch.targets, qa)
             for d, ok in zip(distances, exact.tolist()):
                 meter.add("qa_acc", float(ok))
                 meter.add(f"qa_acc_{'stm' if not retrieve else 'ret'}_{bucket(d)}", float(ok))
