@@ -108,6 +108,9 @@ class Stage:
     random_tokens: int = 0            # random distractors draw ids 3 … 2 + this (0: the fact lexicon's tokens)
     retriever_weight: float = 0.0     # BCE of the retrieval scores (0: the retriever is not trained)
     negative_weight: float = 1.0
+    in_context: bool = False          # the lookup without the memory: each fact's context is put in its
+                                      # question's prompt and nothing is written (a first stage that forms
+                                      # the attention lookup at a batch that learns; docs/training.md)
 
     def validate(self, where: str) -> None:
         def need(cond: bool, name: str, why: str) -> None:
@@ -124,6 +127,9 @@ class Stage:
                      "random_tokens"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         need(0 <= self.retrieve <= 1, "retrieve", "must be a share between 0 and 1")
+        if self.in_context:
+            need(self.facts >= 1, "facts", "must be at least 1 when in_context is on (only questions are read)")
+            need(self.qa_weight > 0, "qa_weight", "must be positive when in_context is on (only questions are read)")
         need(self.distractors in ("prose", "random"), "distractors", "must be \"prose\" or \"random\"")
         need(0 < self.min_lr_ratio <= 1, "min_lr_ratio", "must be in (0, 1]")
         need(self.continuation_tokens >= 2, "continuation_tokens", "must be at least 2")

@@ -35,7 +35,8 @@ from mplus_fast.config import MPlusConfig
 from mplus_fast.model import MPlus
 from mplus_fast.training import objectives as obj
 from mplus_fast.training.config import Stage, TrainConfig
-from mplus_fast.training.data import Ledger, ask_row, text_row
+from mplus_fast.training.objectives import ReadRow
+from mplus_fast.training.data import Episode, Ledger, ask_row, text_row
 from mplus_fast.training.setup import Setup, build_model, prepare
 from mplus_fast.training.trainable import TARGETS, TrainableMPlus
 
@@ -159,6 +160,8 @@ class StageRun:
         tm.detach_memory()
         ep = self.setup.source.episode(rng, st.injections, st.facts, st.continuation_tokens if st.continuation_weight else 0,
                                        random_distractors=st.distractors == "random", random_tokens=st.random_tokens)
+        if st.in_context:
+            return self.in_context_loss(ep, meter)
         retrieve = rng.random() < st.retrieve
         K = len(ep.injections)
         reach = K if retrieve else min(K, st.stm_only_max_distance + 1)
@@ -219,6 +222,19 @@ class StageRun:
             if count:
                 meter.add("recall", rec, count)
         return loss, tokens
+
+    def in_context_loss(self, ep: Episode, meter: Meter) -> tuple[torch.Tensor, int]:
+        """The `in_context` stage: every question read with its fact's context before it in the
+        prompt, over the (empty) STM; nothing is written, so only the backbone's lookup learns."""
+        rows = [ReadRow("qa", ep.injections[i] + ask.prompt, ask.answer) for i, ask in ep.needed.items()]
+        batch = obj.make_batch(rows, self.setup.pad_id)
+        res = self.tm.read(batch.ids, batch.valid, retrieve=False)
+        s, n = obj.token_loss(res.logits, batch.targets)
+        meter.add("qa_loss", float(s.detach()), n)
+        for ok in obj.answer_exact(res.logits, batch.targets, batch.of("qa")).tolist():
+            meter.add("qa_acc", float(ok))
+            meter.add("qa_acc_context", float(ok))
+        return self.stage.qa_weight * s / max(n, 1), int(batch.valid.sum())
 
     def apply_gradients(self) -> None:
         masters = [m for ms in self.tm.masters.values() for m in ms.master]
