@@ -135,7 +135,7 @@ accumulate = 2
 """
 
 
-def test_an_in_context_stage_trains_the_lookup_and_writes_nothing(tmp_path):
+def test_an_in_context_stage_scores_answers_and_writes_nothing(tmp_path):
     """The `in_context` stage reads each question with its fact in the prompt: answers are
     scored, nothing reaches the memory, and the next stage starts from its weights."""
     import tomllib
