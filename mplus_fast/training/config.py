@@ -14,8 +14,9 @@
     [model.config]               # config.json fields of a model trained from scratch (vocab_size: the tokenizer's)
 
     [tokenizer]
-    path = "…/tokenizer.json"    # an existing tokenizer, or:
-    vocab_size = 2048            # train a byte-level BPE on the training books
+    path = "…/tokenizer.json"    # an existing tokenizer, or one trained on the training books:
+    kind = "word"                # whole words, rarer ones spelled (`vocab.py`), or "bpe" (byte-level BPE)
+    vocab_size = 512
 
     [data]
     kind = "synthetic"           # facts planted in the books (`facts.py`), or "jsonl" (`mplus_fast.qa` records)
@@ -61,6 +62,7 @@ class ModelSection:
 @dataclass
 class TokenizerSection:
     path: str | None = None
+    kind: str = "bpe"
     vocab_size: int = 2048
 
 
@@ -103,8 +105,12 @@ class Stage:
     repeat_weight: float = 0.0        # loss on reading this step's contexts back from the memory
     repeats: int = 1                  # contexts read back per step (the newest ones within reach)
     distractors: str = "prose"        # "random": uniformly random tokens (only the memory predicts them)
+    random_tokens: int = 0            # random distractors draw ids 3 … 2 + this (0: the fact lexicon's tokens)
     retriever_weight: float = 0.0     # BCE of the retrieval scores (0: the retriever is not trained)
     negative_weight: float = 1.0
+    in_context: bool = False          # the lookup without the memory: each fact's context is put in its
+                                      # question's prompt and nothing is written (a first stage that forms
+                                      # the attention lookup at a batch that learns; docs/training.md)
 
     def validate(self, where: str) -> None:
         def need(cond: bool, name: str, why: str) -> None:
@@ -117,9 +123,13 @@ class Stage:
         for name in ("lr", "retriever_lr"):
             need(getattr(self, name) > 0, name, "must be positive")
         for name in ("weight_decay", "warmup", "grad_clip", "recall_questions", "qa_weight", "continuation_weight",
-                     "retriever_weight", "negative_weight", "stm_only_max_distance", "repeat_weight", "repeats"):
+                     "retriever_weight", "negative_weight", "stm_only_max_distance", "repeat_weight", "repeats",
+                     "random_tokens"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         need(0 <= self.retrieve <= 1, "retrieve", "must be a share between 0 and 1")
+        if self.in_context:
+            need(self.facts >= 1, "facts", "must be at least 1 when in_context is on (only questions are read)")
+            need(self.qa_weight > 0, "qa_weight", "must be positive when in_context is on (only questions are read)")
         need(self.distractors in ("prose", "random"), "distractors", "must be \"prose\" or \"random\"")
         need(0 < self.min_lr_ratio <= 1, "min_lr_ratio", "must be in (0, 1]")
         need(self.continuation_tokens >= 2, "continuation_tokens", "must be at least 2")
@@ -246,6 +256,8 @@ def _validate(cfg: TrainConfig, where: str) -> None:
         raise TrainConfigError(f"{where}: model.config is only for model.init = \"scratch\" (the checkpoint has its own)")
     if not m.init_std > 0:
         raise TrainConfigError(f"{where}: model.init_std={m.init_std!r} must be positive")
+    if cfg.tokenizer.kind not in ("word", "bpe"):
+        raise TrainConfigError(f"{where}: tokenizer.kind={cfg.tokenizer.kind!r} must be \"word\" or \"bpe\"")
     if cfg.data.kind not in ("synthetic", "jsonl"):
         raise TrainConfigError(f"{where}: data.kind={cfg.data.kind!r} must be \"synthetic\" or \"jsonl\"")
     if cfg.data.kind == "jsonl" and not cfg.data.path:

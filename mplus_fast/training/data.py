@@ -62,10 +62,12 @@ class SyntheticFacts:
         self.lexicon = sorted({i for w in LEXICON for i in codec.encode(" " + w)})
 
     def episode(self, rng: random.Random, injections: int, facts: int, continuation_tokens: int,
-                random_distractors: bool = False) -> Episode:
-        """`random_distractors`: distractors are random sequences of the fact lexicon's tokens,
-        which nothing but the memory can predict (a curriculum for reading back:
+                random_distractors: bool = False, random_tokens: int = 0) -> Episode:
+        """`random_distractors`: distractors are random sequences of the fact lexicon's tokens
+        (or, with `random_tokens` = n, of the ids 3 … n + 2: a vocabulary curriculum), which
+        nothing but the memory can predict (a curriculum for reading back:
         `Stage.distractors = "random"`)."""
+        pool = self.lexicon if not random_tokens else range(3, min(3 + random_tokens, self.codec.vocab_size))
         slots = fact_slots(rng, injections, facts)
         chosen = dict(zip(slots, draw_facts(rng, self.source.split, facts)))
         inj, needed, follow = [], {}, None
@@ -76,7 +78,7 @@ class SyntheticFacts:
                 needed[i] = Ask(self.codec.encode(fact.question), self.codec.encode(" " + fact.answer) + [self.codec.eos])
                 follow = None
             elif random_distractors:
-                inj.append([rng.choice(self.lexicon) for _ in range(self.source.budget)])
+                inj.append([rng.choice(pool) for _ in range(self.source.budget)])
                 follow = None
             else:
                 text, follow = self.source.distractor(rng)
@@ -111,7 +113,7 @@ class RecordSource:
         return cls(list(read_jsonl(path)), codec, max_context_tokens, str(path))
 
     def episode(self, rng: random.Random, injections: int, facts: int, continuation_tokens: int,
-                random_distractors: bool = False) -> Episode:
+                random_distractors: bool = False, random_tokens: int = 0) -> Episode:
         if random_distractors:
             raise ValueError("distractors = \"random\" is for the synthetic data (data.kind = \"synthetic\")")
         facts = min(facts, len(self.items))

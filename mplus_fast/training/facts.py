@@ -58,6 +58,12 @@ HELD_OUT_EVERY = 5        # one (character, object) pair in five is never used f
 TRAIN_FRACTION = 0.9      # training passages come from the first 90% of every book
 
 
+def lexicon_words() -> tuple[str, ...]:
+    """Every word a fact, its question or its answer is made of (a word vocabulary keeps them whole)."""
+    fixed = " ".join(re.sub(r"\{\w+\}", " ", s + " " + q) for s, q in TEMPLATES) + " in the"
+    return tuple(" ".join((*NAMES, *OBJECTS, *ADJECTIVES, *PLACES, fixed)).split())
+
+
 @dataclass(frozen=True)
 class Fact:
     name: str

@@ -5,6 +5,7 @@ A step: cut the memory from the last step's graph; write the episode's injection
 graph, distractors without); read every question (and a continuation) in one left-padded batch
 with the decoder adapter; loss = answer cross-entropy + continuation cross-entropy + retriever
 BCE; one AdamW step (the retriever with its own learning rate); warm-up then cosine decay.
+An `in_context` stage writes nothing: each question is read with its fact in the prompt.
 
 Run folder (`out`):
     config.toml               the config as given
@@ -35,7 +36,7 @@ from mplus_fast.config import MPlusConfig
 from mplus_fast.model import MPlus
 from mplus_fast.training import objectives as obj
 from mplus_fast.training.config import Stage, TrainConfig
-from mplus_fast.training.data import Ledger, ask_row, text_row
+from mplus_fast.training.data import Episode, Ledger, ask_row, text_row
 from mplus_fast.training.setup import Setup, build_model, prepare
 from mplus_fast.training.trainable import TARGETS, TrainableMPlus
 
@@ -158,7 +159,9 @@ class StageRun:
         st, tm, rng = self.stage, self.tm, self.rng
         tm.detach_memory()
         ep = self.setup.source.episode(rng, st.injections, st.facts, st.continuation_tokens if st.continuation_weight else 0,
-                                       random_distractors=st.distractors == "random")
+                                       random_distractors=st.distractors == "random", random_tokens=st.random_tokens)
+        if st.in_context:
+            return self.in_context_loss(ep, meter)
         retrieve = rng.random() < st.retrieve
         K = len(ep.injections)
         reach = K if retrieve else min(K, st.stm_only_max_distance + 1)
@@ -219,6 +222,20 @@ class StageRun:
             if count:
                 meter.add("recall", rec, count)
         return loss, tokens
+
+    def in_context_loss(self, ep: Episode, meter: Meter) -> tuple[torch.Tensor, int]:
+        """The `in_context` stage: every question read with its fact's context before it in the
+        prompt, over the STM as it stands; nothing is written, so only the backbone's lookup learns
+        (reading the STM later is the same attention over a prefix)."""
+        rows = [obj.ReadRow("qa", ep.injections[i] + ask.prompt, ask.answer) for i, ask in ep.needed.items()]
+        batch = obj.make_batch(rows, self.setup.pad_id)
+        res = self.tm.read(batch.ids, batch.valid, retrieve=False)
+        s, n = obj.token_loss(res.logits, batch.targets)
+        meter.add("qa_loss", float(s.detach()), n)
+        for ok in obj.answer_exact(res.logits, batch.targets, batch.of("qa")).tolist():
+            meter.add("qa_acc", float(ok))
+            meter.add("qa_acc_context", float(ok))
+        return self.stage.qa_weight * s / max(n, 1), int(batch.valid.sum())
 
     def apply_gradients(self) -> None:
         masters = [m for ms in self.tm.masters.values() for m in ms.master]

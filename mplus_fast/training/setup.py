@@ -14,9 +14,9 @@ from mplus_fast.config import MPlusConfig
 from mplus_fast.model import MPlus
 from mplus_fast.training.config import TrainConfig, TrainConfigError
 from mplus_fast.training.data import RecordSource, SyntheticFacts
-from mplus_fast.training.facts import FactSource, Prose, draw_facts
+from mplus_fast.training.facts import FactSource, Prose, draw_facts, lexicon_words
 from mplus_fast.training.trainable import fresh_tensors
-from mplus_fast.training.vocab import BOS_ID, EOS_ID, PAD_ID, Codec, load_tokenizer, train_tokenizer
+from mplus_fast.training.vocab import BOS_ID, EOS_ID, PAD_ID, Codec, load_tokenizer, train_tokenizer, train_word_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LEXICON_SAMPLES = 5000   # fact sentences added to the tokenizer's training text
@@ -97,7 +97,11 @@ def prepare(cfg: TrainConfig, out=None, resume: bool = False) -> Setup:
             shutil.copyfile(src, tok_file)
         else:
             books = _books()
-            tok = train_tokenizer(tokenizer_texts(books, cfg.seed), cfg.tokenizer.vocab_size)
+            texts = tokenizer_texts(books, cfg.seed)
+            if cfg.tokenizer.kind == "word":
+                tok = train_word_tokenizer(texts, cfg.tokenizer.vocab_size, keep=lexicon_words())
+            else:
+                tok = train_tokenizer(texts, cfg.tokenizer.vocab_size)
             write_bytes_atomic(tok_file, tok.to_str(pretty=False).encode("utf-8"))
     codec = Codec(load_tokenizer(tok_file))
     dtype = DTYPES[cfg.model.dtype]

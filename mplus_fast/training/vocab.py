@@ -1,11 +1,17 @@
-"""The tiny model's own small vocabulary: a byte-level BPE trained on the training books.
+"""The tiny model's own small vocabulary, two kinds (`tokenizer.kind` in a training config):
 
-Words outside the vocabulary are never lost: byte-level BPE spells any text from the learned
-pieces, down to single bytes when nothing longer matches, so every string encodes and decodes
-back exactly (there is no unknown token). The frequent words of the books and every word of the
-fact lexicon are whole tokens (the lexicon is part of the training text), rare words take a few
-pieces. Special tokens: `<pad>` 0, `<bos>` 1 (M+ has its own learned BOS, inputs never carry it),
-`<eos>` 2 (ends every answer).
+- `"word"` (the shipped tiny model): whole words. Every word of the fact lexicon and the most
+  frequent words of the training books are single tokens; any other word is spelled from single
+  characters (a WordPiece vocabulary whose only pieces are the characters of the books, `x` and
+  `##x`). A fact is then a handful of tokens and its answer set is 24 + 30 tokens. What it
+  loses: whitespace (text is split on spaces and punctuation; decoding joins words with one
+  space and re-attaches the usual punctuation, `desk .` → `desk.`), and a word holding a
+  character the books never use becomes `<unk>`. The words themselves always come back.
+- `"bpe"`: a byte-level BPE trained on the training books; every text encodes and decodes back
+  exactly (down to single bytes, no unknown token).
+
+Special tokens: `<pad>` 0, `<bos>` 1 (M+ has its own learned BOS, inputs never carry it),
+`<eos>` 2 (ends every answer), and for `"word"` `<unk>` 3.
 
 Needs the `tokenizers` package (pip install 'mplus_fast[tokenizer]').
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SPECIAL = ("<pad>", "<bos>", "<eos>")
+UNK = "<unk>"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
@@ -41,6 +48,36 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     for i, s in enumerate(SPECIAL):
         if tok.token_to_id(s) != i:
             raise RuntimeError(f"special token {s!r} got id {tok.token_to_id(s)}, expected {i}")
+    return tok
+
+
+def train_word_tokenizer(texts: list[str], vocab_size: int, keep: tuple[str, ...] = ()):
+    """A whole-word `tokenizers.Tokenizer` of `vocab_size` tokens: the special tokens, every
+    character of `texts` (alone and as a `##` continuation), the words of `keep` (the fact
+    lexicon, always whole), then the most frequent words of `texts` (ties broken by the word:
+    deterministic)."""
+    import collections
+    tk = _tokenizers()
+    split = tk.pre_tokenizers.BertPreTokenizer()
+    counts: collections.Counter = collections.Counter()
+    for text in texts:
+        counts.update(w for w, _ in split.pre_tokenize_str(text))
+    chars = sorted({ch for w in counts for ch in w})
+    vocab: dict[str, int] = {}
+    for piece in [*SPECIAL, UNK, *chars, *(f"##{ch}" for ch in chars)]:
+        vocab.setdefault(piece, len(vocab))
+    for w, _ in split.pre_tokenize_str(" ".join(keep)):
+        vocab.setdefault(w, len(vocab))
+    if len(vocab) > vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is too small: the characters and the kept words already take {len(vocab)}")
+    for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])):
+        if len(vocab) >= vocab_size:
+            break
+        vocab.setdefault(w, len(vocab))
+    tok = tk.Tokenizer(tk.models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100))
+    tok.pre_tokenizer = split
+    tok.decoder = tk.decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens([*SPECIAL, UNK])
     return tok
 
 

@@ -41,7 +41,10 @@ def test_the_base_config_parses():
     (("model", "trainable"), ["everything"], "model.trainable=['everything'] must be a non-empty list of"),
     (("model", "config", "vocab_size"), 100, "model.config.vocab_size is taken from the tokenizer"),
     (("data",), {"kind": "csv"}, "data.kind='csv' must be"),
+    (("tokenizer",), {"kind": "chars"}, "tokenizer.kind='chars' must be \"word\" or \"bpe\""),
+    (("stage", 0, "random_tokens"), -1, "stage[1].random_tokens=-1 must not be negative"),
     (("data",), {"kind": "jsonl"}, "data.path is needed"),
+    (("stage", 0, "in_context"), "yes", "stage[1].in_context must be a bool, got 'yes'"),
     (("seed",), "zero", "seed must be an int, got 'zero'"),
     (("epochs",), 3, "unknown field(s) ['epochs']"),
 ])

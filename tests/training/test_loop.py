@@ -120,3 +120,36 @@ def test_stages_chain_and_refuse_a_used_folder(tmp_path):
         train(config(3, stages=second), out=tmp_path / "run", show=False)
     # resuming a finished run runs nothing and returns its final checkpoint
     assert train(config(3, stages=second), out=tmp_path / "run", resume=True, show=False) == final
+
+
+LOOKUP_FIRST = """
+[[stage]]
+name = "lookup"
+steps = 4
+lr = 3e-3
+warmup = 1
+injections = 1
+facts = 1
+in_context = true
+accumulate = 2
+"""
+
+
+def test_an_in_context_stage_scores_answers_and_writes_nothing(tmp_path):
+    """The `in_context` stage reads each question with its fact in the prompt: answers are
+    scored, nothing reaches the memory, and the next stage starts from its weights."""
+    import tomllib
+    text = MICRO.format(steps=2, seed=0)
+    head, stage_one = text.split("[[stage]]", 1)
+    text = head + LOOKUP_FIRST + "[[stage]]" + stage_one
+    cfg = parse_config(tomllib.loads(text), None, text)
+    train(cfg, out=tmp_path / "run", show=False)
+    lines = [l for l in log_lines(tmp_path / "run") if "loss" in l]
+    lookup = [l for l in lines if l["stage"] == "lookup"]
+    assert lookup and all("qa_acc_context" in l and "repeat_loss" not in l for l in lookup), lookup
+    assert [l["stage"] for l in lines][-1] == "one"
+    after_lookup = read_tensors(tmp_path / "run" / "lookup" / "final")
+    after_one = read_tensors(tmp_path / "run" / "one" / "final")
+    # no injection was written in the lookup stage; the memory stage after it writes its own
+    assert int(after_lookup["mplus_fast.next_injection_id"]) == 0, "an in_context stage must not write the memory"
+    assert int(after_one["mplus_fast.next_injection_id"]) > 0
