@@ -60,13 +60,18 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def tensors_key(tensors: dict[str, torch.Tensor]) -> tuple | None:
-    """Names, identities and in-place version counters of `tensors`: equal only while none is
-    replaced or modified. None when one is an inference tensor (made under torch.inference_mode:
-    it keeps no version counter, so its changes cannot be seen)."""
+def tensors_key(tensors: dict[str, torch.Tensor]) -> dict | None:
+    """The tensors themselves (held, so no other tensor can take their place) with their in-place
+    version counters: `same_tensors` is true only while none is replaced or modified. None when one
+    is an inference tensor (made under torch.inference_mode: it keeps no version counter)."""
     if any(t.is_inference() for t in tensors.values()):
         return None
-    return tuple(sorted((name, id(t), t._version) for name, t in tensors.items()))
+    return {name: (t, t._version) for name, t in tensors.items()}
+
+
+def same_tensors(key: dict | None, tensors: dict[str, torch.Tensor]) -> bool:
+    return (key is not None and key.keys() == tensors.keys()
+            and all(tensors[n] is t and t._version == v for n, (t, v) in key.items()))
 
 
 def config_summary(config) -> str:
@@ -84,7 +89,7 @@ class Memory:
     # valid only for the model instance whose `derived_tag` it carries; never written to disk.
     derived: dict[str, torch.Tensor] | None = None
     derived_tag: str | None = None
-    derived_of: tuple | None = None      # `tensors_key(tensors)` the derived columns were made from
+    derived_of: dict | None = None       # `tensors_key(tensors)` the derived columns were made from
 
     def fork(self) -> "Memory":
         """An independent deep copy."""
@@ -98,9 +103,13 @@ class Memory:
         """Whether the derived columns belong to the model tagged `tag` and to these very tensors,
         unchanged since (a tensor replaced or edited in place makes them stale: recomputed then)."""
         return (self.derived is not None and tag is not None and self.derived_tag == tag
-                and self.derived_of is not None and self.derived_of == tensors_key(self.tensors))
+                and same_tensors(self.derived_of, self.tensors))
 
     clone = fork
+
+    @property
+    def derived_nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in (self.derived or {}).values())
 
     @property
     def nbytes(self) -> int:
@@ -116,7 +125,7 @@ class Memory:
                 "pending_tokens": pend, "update_step": int(t.get("update_step", torch.tensor(0))),
                 "injections": int(t.get(f"{OURS}next_injection_id", torch.tensor(0))), "bytes": self.nbytes,
                 "dtype": str(t["memory"].dtype).replace("torch.", ""),
-                "derived_bytes": sum(v.numel() * v.element_size() for v in (self.derived or {}).values())}
+                "derived_bytes": self.derived_nbytes}
 
 
 # ---------------------------------------------------------------------- model side

@@ -217,3 +217,17 @@ def test_snapshot_taken_under_inference_mode_keeps_its_kv(ckpt, monkeypatch):
         memory.tensors = {k: v.clone() for k, v in memory.tensors.items()}   # inference tensors: untrackable
     model.restore(memory)
     assert calls
+
+
+def test_a_tensor_replaced_after_the_original_is_freed_makes_the_kv_stale(ckpt, monkeypatch):
+    """Python reuses an object's id once it is freed; the hand-over holds the tensors it was made
+    from, so a replacement built after the original was dropped is still seen as a change."""
+    model = mplus_fast.load(ckpt)
+    _inject(model, 5, seed=3)
+    memory = model.snapshot()
+    shape = memory.tensors["memory"].shape
+    del memory.tensors["memory"]
+    memory.tensors["memory"] = torch.zeros(shape)
+    calls = _no_projection(monkeypatch)
+    model.restore(memory)
+    assert calls

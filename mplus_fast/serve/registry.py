@@ -55,7 +55,7 @@ class ResidentMemories:
 
     @staticmethod
     def size(memory: Memory) -> int:
-        return memory.nbytes + memory.stats()["derived_bytes"]
+        return memory.nbytes + memory.derived_nbytes
 
     def __contains__(self, memory_id: str) -> bool:
         return memory_id in self._items
