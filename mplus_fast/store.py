@@ -144,6 +144,24 @@ class SlottedSTM:
         self.columns, self.order = columns, order
 
     @property
+    def order(self) -> torch.Tensor:
+        return self._order
+
+    @order.setter
+    def order(self, order: torch.Tensor) -> None:
+        self._order, self._order_on = order, {}    # copies of `order` on other devices, made once each
+
+    def order_on(self, device) -> torch.Tensor:
+        """`order` on `device`: one copy per device until the order changes, so a column on the
+        host is indexed without a device-to-host copy (and sync) per layer."""
+        device = torch.device(device)
+        if device == self._order.device:
+            return self._order
+        if device not in self._order_on:
+            self._order_on[device] = self._order.to(device)
+        return self._order_on[device]
+
+    @property
     def size(self) -> int:
         return self.order.shape[1]
 
@@ -161,7 +179,7 @@ class SlottedSTM:
         """Rows of layer l's column `name` at the logical `positions`, on `device` (a column may
         live on the host)."""
         col = self.columns[name]
-        return col[l, self.order[l, positions].to(col.device)].to(device)
+        return col[l, self.order_on(col.device)[l, positions]].to(device)
 
     def land(self, drop: torch.Tensor) -> torch.Tensor:
         """Drop the logical positions `drop` (L, T) (distinct per layer, any order) and make room
