@@ -111,6 +111,8 @@ class Stage:
     in_context: bool = False          # the lookup without the memory: each fact's context is put in its
                                       # question's prompt and nothing is written (a first stage that forms
                                       # the attention lookup at a batch that learns; docs/training.md)
+    trainable: list[str] | None = None  # weight groups this stage trains (default: model.trainable); e.g.
+                                      # ["retriever"]: f_q/f_k alone, on forward passes only (cheap)
 
     def validate(self, where: str) -> None:
         def need(cond: bool, name: str, why: str) -> None:
@@ -130,6 +132,11 @@ class Stage:
         if self.in_context:
             need(self.facts >= 1, "facts", "must be at least 1 when in_context is on (only questions are read)")
             need(self.qa_weight > 0, "qa_weight", "must be positive when in_context is on (only questions are read)")
+        if self.trainable is not None:
+            need(bool(self.trainable) and all(g in GROUPS for g in self.trainable), "trainable",
+                 f"must be a non-empty list of {list(GROUPS)}")
+            if self.trainable == ["retriever"]:
+                need(self.retriever_weight > 0, "retriever_weight", "must be positive when only the retriever trains")
         need(self.distractors in ("prose", "random"), "distractors", "must be \"prose\" or \"random\"")
         need(0 < self.min_lr_ratio <= 1, "min_lr_ratio", "must be in (0, 1]")
         need(self.continuation_tokens >= 2, "continuation_tokens", "must be at least 2")

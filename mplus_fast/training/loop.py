@@ -120,7 +120,8 @@ class StageRun:
     def __init__(self, setup: Setup, stage: Stage, index: int, model: MPlus, trainer: dict | None):
         self.setup, self.stage, self.index = setup, stage, index
         cfg = setup.config
-        groups = tuple(cfg.model.trainable or TARGETS["scratch" if cfg.model.init == "scratch" else "finetune"])
+        groups = tuple(stage.trainable or cfg.model.trainable
+                       or TARGETS["scratch" if cfg.model.init == "scratch" else "finetune"])
         self.tm = TrainableMPlus(model, groups)
         param_groups = []
         for g, masters in self.tm.masters.items():
@@ -148,7 +149,7 @@ class StageRun:
         for _ in range(self.stage.accumulate):
             loss, n = self.episode_loss(meter)
             tokens += n
-            if loss is not None:
+            if loss is not None and loss.requires_grad:   # (a retriever-only step whose reads had no positives: nothing to learn)
                 (loss / self.stage.accumulate).backward()
                 meter.add("loss", float(loss.detach()))
         self.apply_gradients()

@@ -46,6 +46,9 @@ def test_the_base_config_parses():
     (("data",), {"kind": "jsonl"}, "data.path is needed"),
     (("stage", 0, "in_context"), "yes", "stage[1].in_context must be a bool, got 'yes'"),
     (("seed",), "zero", "seed must be an int, got 'zero'"),
+    (("stage", 0, "trainable"), ["decoder"], "stage[1].trainable=['decoder'] must be a non-empty list of"),
+    (("stage", 0, "trainable"), [], "stage[1].trainable=[] must be a non-empty list of"),
+    (("stage", 0, "trainable"), ["retriever"], "stage[1].retriever_weight=0.0 must be positive when only the retriever"),
     (("epochs",), 3, "unknown field(s) ['epochs']"),
 ])
 def test_bad_fields_are_named(path, value, message):

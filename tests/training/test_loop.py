@@ -153,3 +153,24 @@ def test_an_in_context_stage_scores_answers_and_writes_nothing(tmp_path):
     # no injection was written in the lookup stage; the memory stage after it writes its own
     assert int(after_lookup["mplus_fast.next_injection_id"]) == 0, "an in_context stage must not write the memory"
     assert int(after_one["mplus_fast.next_injection_id"]) > 0
+
+
+def test_a_retriever_only_stage_changes_the_selectors_and_nothing_else(tmp_path):
+    """`trainable = ["retriever"]` on a stage: f_q/f_k learn from the BCE, every other weight
+    (backbone, adapters) leaves the stage bit for bit as it came in."""
+    import tomllib
+    second = ('\n[[stage]]\nname = "ret"\nsteps = 4\naccumulate = 2\ninjections = 3\nfacts = 2\nretrieve = 1.0\n'
+              'recall_questions = 2\nmax_distance = 8\nretriever_weight = 1.0\nretriever_lr = 1e-2\n'
+              'trainable = ["retriever"]\n')
+    text = MICRO.format(steps=6, seed=0) + second
+    train(parse_config(tomllib.loads(text), None, text), out=tmp_path / "run", show=False)
+    before, after = weights(tmp_path / "run" / "one" / "final"), weights(tmp_path / "run" / "ret" / "final")
+    selectors = [k for k in before if "query_proj" in k or "key_proj" in k]
+    assert selectors
+    changed = [k for k in selectors if not torch.equal(before[k], after[k])]
+    assert changed, "the retriever did not train"
+    frozen = [k for k in before if k not in selectors and not k.startswith(("memory", "ltm"))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen), \
+        [k for k in frozen if not torch.equal(before[k], after[k])]
+    bce = [l["bce"] for l in log_lines(tmp_path / "run") if l.get("stage") == "ret" and "bce" in l]
+    assert bce and all(math.isfinite(b) for b in bce)
