@@ -94,6 +94,7 @@ class Stage:
     accumulate: int = 8              # episodes per optimizer step (single-episode gradients are too noisy for Adam)
     injections: int = 4              # contexts written per step
     facts: int = 2                   # of which hold a fact asked about at the end of the step
+    facts_per_injection: int = 1     # facts in each of those contexts (synthetic data), each asked about
     recall_questions: int = 0        # questions about facts of earlier steps…
     max_distance: int = 0            # …at distances `injections` … this (injections since the fact)
     retrieve: float = 1.0            # share of steps whose reads retrieve from the LTM (else STM only)
@@ -119,7 +120,7 @@ class Stage:
             if not cond:
                 raise TrainConfigError(f"{where}.{name}={getattr(self, name)!r} {why}")
         need(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
-        for name in ("steps", "injections", "accumulate"):
+        for name in ("steps", "injections", "accumulate", "facts_per_injection"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
         need(0 <= self.facts <= self.injections, "facts", f"must be between 0 and injections={self.injections}")
         for name in ("lr", "retriever_lr"):

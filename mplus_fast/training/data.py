@@ -36,8 +36,12 @@ class Ask:
 @dataclass
 class Episode:
     injections: list[list[int]]
-    needed: dict[int, Ask]       # injection index → the question about it
+    needed: list[tuple[int, Ask]]   # (injection index, a question about a fact it holds); an index may repeat
     continuation: list[int] | None = None   # the text following the last injection
+
+    @property
+    def fact_injections(self) -> set[int]:
+        return {i for i, _ in self.needed}
 
 
 def _check_tokens(ids: list[int], what: str, limit: int) -> list[int]:
@@ -62,20 +66,22 @@ class SyntheticFacts:
         self.lexicon = sorted({i for w in LEXICON for i in codec.encode(" " + w)})
 
     def episode(self, rng: random.Random, injections: int, facts: int, continuation_tokens: int,
-                random_distractors: bool = False, random_tokens: int = 0) -> Episode:
-        """`random_distractors`: distractors are random sequences of the fact lexicon's tokens
-        (or, with `random_tokens` = n, of the ids 3 … n + 2: a vocabulary curriculum), which
-        nothing but the memory can predict (a curriculum for reading back:
-        `Stage.distractors = "random"`)."""
+                random_distractors: bool = False, random_tokens: int = 0, facts_per_injection: int = 1) -> Episode:
+        """`facts` of the `injections` hold `facts_per_injection` facts each (distinct questions
+        within the episode), each asked about. `random_distractors`: distractors are random
+        sequences of the fact lexicon's tokens (or, with `random_tokens` = n, of the ids
+        3 … n + 2: a vocabulary curriculum), which nothing but the memory can predict (a
+        curriculum for reading back: `Stage.distractors = "random"`)."""
         pool = self.lexicon if not random_tokens else range(3, min(3 + random_tokens, self.codec.vocab_size))
         slots = fact_slots(rng, injections, facts)
-        chosen = dict(zip(slots, draw_facts(rng, self.source.split, facts)))
-        inj, needed, follow = [], {}, None
+        drawn = draw_facts(rng, self.source.split, facts * facts_per_injection)
+        chosen = {i: drawn[k * facts_per_injection:(k + 1) * facts_per_injection] for k, i in enumerate(slots)}
+        inj, needed, follow = [], [], None
         for i in range(injections):
             if i in chosen:
-                fact = chosen[i]
-                inj.append(self.codec.encode(self.source.fact_context(rng, fact)))
-                needed[i] = Ask(self.codec.encode(fact.question), self.codec.encode(" " + fact.answer) + [self.codec.eos])
+                inj.append(self.codec.encode(self.source.facts_context(rng, chosen[i])))
+                needed += [(i, Ask(self.codec.encode(f.question), self.codec.encode(" " + f.answer) + [self.codec.eos]))
+                           for f in chosen[i]]
                 follow = None
             elif random_distractors:
                 inj.append([rng.choice(pool) for _ in range(self.source.budget)])
@@ -113,14 +119,16 @@ class RecordSource:
         return cls(list(read_jsonl(path)), codec, max_context_tokens, str(path))
 
     def episode(self, rng: random.Random, injections: int, facts: int, continuation_tokens: int,
-                random_distractors: bool = False, random_tokens: int = 0) -> Episode:
+                random_distractors: bool = False, random_tokens: int = 0, facts_per_injection: int = 1) -> Episode:
         if random_distractors:
             raise ValueError("distractors = \"random\" is for the synthetic data (data.kind = \"synthetic\")")
+        if facts_per_injection != 1:
+            raise ValueError("facts_per_injection is for the synthetic data (a record's context is one injection)")
         facts = min(facts, len(self.items))
         slots = fact_slots(rng, injections, facts)
         picked = dict(zip(slots, rng.sample(self.items, facts)))
         inj = [picked[i][0] if i in picked else rng.choice(self.pool) for i in range(injections)]
-        return Episode(inj, {i: picked[i][1] for i in slots})
+        return Episode(inj, [(i, picked[i][1]) for i in slots])
 
 
 @dataclass

@@ -173,6 +173,18 @@ class FactSource:
     def fact_context(self, rng: random.Random, fact: Fact) -> str:
         return self.prose.passage(rng, self.budget, lead=fact.statement)[0]
 
+    def facts_context(self, rng: random.Random, facts: list[Fact]) -> str:
+        """One injection holding several facts, each statement followed by prose, the budget
+        shared equally (one fact: `fact_context`)."""
+        if len(facts) == 1:
+            return self.fact_context(rng, facts[0])
+        parts, used = [], 0
+        for k, f in enumerate(facts):
+            share = (self.budget - used) // (len(facts) - k)     # what the earlier parts left, shared
+            parts.append(self.prose.passage(rng, share, lead=f.statement)[0])
+            used = self.prose.count(" ".join(parts))
+        return " ".join(parts)
+
     def distractor(self, rng: random.Random) -> tuple[str, str]:
         """(a plain passage, its continuation in the book)."""
         return self.prose.passage(rng, self.budget)

@@ -160,14 +160,15 @@ class StageRun:
         st, tm, rng = self.stage, self.tm, self.rng
         tm.detach_memory()
         ep = self.setup.source.episode(rng, st.injections, st.facts, st.continuation_tokens if st.continuation_weight else 0,
-                                       random_distractors=st.distractors == "random", random_tokens=st.random_tokens)
+                                       random_distractors=st.distractors == "random", random_tokens=st.random_tokens,
+                                       facts_per_injection=st.facts_per_injection)
         if st.in_context:
             return self.in_context_loss(ep, meter)
         retrieve = rng.random() < st.retrieve
         K = len(ep.injections)
         reach = K if retrieve else min(K, st.stm_only_max_distance + 1)
         repeated = list(range(K - 1, K - 1 - min(st.repeats, reach), -1)) if st.repeat_weight else []
-        with_graph = set(ep.needed) | set(repeated)    # contexts some row reads: written with gradient
+        with_graph = ep.fact_injections | set(repeated)    # contexts some row reads: written with gradient
         tokens = 0
         written = []
         for i, ids in enumerate(ep.injections):
@@ -176,7 +177,7 @@ class StageRun:
             tm.write(delta)
             tokens += len(ids)
         rows, distances = [], []
-        for i, ask in ep.needed.items():
+        for i, ask in ep.needed:
             d = len(ep.injections) - 1 - i
             if retrieve or d <= st.stm_only_max_distance:
                 rows.append(ask_row(ask, written[i]))
@@ -186,7 +187,7 @@ class StageRun:
         for inj, ask in self.ledger.sample(rng, st.recall_questions, next_id, len(ep.injections), hi):
             rows.append(ask_row(ask, inj))
             distances.append(next_id - 1 - inj)
-        for i, ask in ep.needed.items():
+        for i, ask in ep.needed:
             self.ledger.add(written[i], ask)
         for i in repeated:
             rows.append(text_row("repeat", ep.injections[i], st.continuation_prompt, written[i]))
@@ -228,7 +229,7 @@ class StageRun:
         """The `in_context` stage: every question read with its fact's context before it in the
         prompt, over the STM as it stands; nothing is written, so only the backbone's lookup learns
         (reading the STM later is the same attention over a prefix)."""
-        rows = [obj.ReadRow("qa", ep.injections[i] + ask.prompt, ask.answer) for i, ask in ep.needed.items()]
+        rows = [obj.ReadRow("qa", ep.injections[i] + ask.prompt, ask.answer) for i, ask in ep.needed]
         batch = obj.make_batch(rows, self.setup.pad_id)
         res = self.tm.read(batch.ids, batch.valid, retrieve=False)
         s, n = obj.token_loss(res.logits, batch.targets)

@@ -106,7 +106,8 @@ def retriever_loss(tm, layer_inputs: dict[int, torch.Tensor], batch: ReadBatch, 
     """BCE of the retrieval scores over every row a read could retrieve ([LTM; pending]) against
     provenance: positives are the rows written by the injection a row needs. Scores are computed
     as at inference (mean over the prompt's tokens of sigmoid(f_q(x)·f_k(row))), with the rows,
-    the layer inputs and the layer's norm detached, so the loss trains f_q and f_k only.
+    the layer inputs and the layer's norm detached, so the loss trains f_q and f_k only (letting it
+    reach the rows and the questions' hidden states as well did not help: docs/training.md).
     Returns (mean loss over the (row, layer) pairs that have positives, their count)."""
     c = tm.config
     asking = batch.sources >= 0

@@ -56,3 +56,25 @@ def test_random_read_back_draws_the_first_ids_or_the_lexicon():
     assert ids <= set(range(3, 8)) and len(ids) == 5 and not ep.needed
     ep = source.episode(random.Random(0), 3, 0, 0, random_distractors=True)
     assert {i for inj in ep.injections for i in inj} <= set(source.lexicon)
+
+
+def test_an_injection_can_hold_several_facts_each_asked_about():
+    """`facts_per_injection`: every fact of a context is in its text and asked about once, the
+    questions of an episode are distinct, and the context stays within the injection budget."""
+    import random
+
+    from mplus_fast.training.data import SyntheticFacts
+    from mplus_fast.training.facts import FactSource, Prose
+    c = codec()
+    books = {"a": " ".join(TEXTS * 30)}
+    source = SyntheticFacts(FactSource(Prose(books, c.count, "train"), "train", 64), c)
+    ep = source.episode(random.Random(3), 3, 2, 0, facts_per_injection=4)
+    assert len(ep.needed) == 8 and len(ep.fact_injections) == 2
+    questions = [tuple(a.prompt) for _, a in ep.needed]
+    assert len(set(questions)) == 8
+    for i, ask in ep.needed:
+        text = c.decode(ep.injections[i])
+        answer = c.decode(ask.answer[:-1]).strip()
+        assert answer in text, (answer, text)
+        assert len(ep.injections[i]) <= 64
+    assert all(len(inj) <= 64 for inj in ep.injections)
