@@ -327,7 +327,7 @@ def serve(
 @app.command()
 @user_errors
 def train(
-    config: Path = typer.Argument(..., help="Training config (TOML): shared settings and one or more [[stage]]s."),
+    config: Path = typer.Argument(..., help="Training config (TOML): shared settings and one or more \\[\\[stage]] tables."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: the config's `out`)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the folder from its newest checkpoint."),
     max_steps: Optional[int] = typer.Option(None, help="Stop each stage after this many steps (a resumable checkpoint is written)."),

@@ -353,6 +353,12 @@ class MPlus:
 
     # ------------------------------------------------------------------ introspection
     @serialised(nestable=True)
+    def memory_counts(self) -> dict:
+        """Row counts only (ltm_sizes, pending, update_step, injections, initialized): what a loop
+        over injections needs, without `memory_stats`'s byte accounting."""
+        return dict(self.backend.counts())
+
+    @serialised(nestable=True)
     def memory_stats(self) -> dict:
         """Sizes and bytes of the memory (cheap: no snapshot of the state is made)."""
         c, st = self.config, self.backend.counts()

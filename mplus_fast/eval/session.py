@@ -133,7 +133,7 @@ def span_injections(offset: int, length: int, sizes: list[int], first_injection:
 
 def inject_chunk(model: MPlus, chunk: torch.Tensor) -> int:
     """One injection with update; returns its injection id (the provenance of its memory rows)."""
-    injection = model.memory_stats()["injections"]
+    injection = model.memory_counts()["injections"]
     model.inject_memory(chunk.to(model.device), update_memory=True)
     return injection
 
@@ -262,5 +262,5 @@ def chance_recall(location: list[list[int]], model_or_sizes, retrieved: int) -> 
 
 def bank_sizes(model: MPlus) -> list[int]:
     """Per layer, the rows retrieval chooses from: LTM plus pending buffer (cheap: counts only)."""
-    st = model.memory_stats()
-    return [n + st["pending_tokens"] for n in st["ltm_tokens_per_layer"]]
+    st = model.memory_counts()
+    return [n + st["pending"] for n in st["ltm_sizes"]]
