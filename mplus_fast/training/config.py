@@ -109,6 +109,8 @@ class Stage:
     random_tokens: int = 0            # random distractors draw ids 3 … 2 + this (0: the fact lexicon's tokens)
     retriever_weight: float = 0.0     # BCE of the retrieval scores (0: the retriever is not trained)
     negative_weight: float = 1.0
+    retriever_into_memory: bool = False  # the BCE also trains how the rows are written and the questions'
+                                      # hidden states (co-training), not only f_q/f_k
     in_context: bool = False          # the lookup without the memory: each fact's context is put in its
                                       # question's prompt and nothing is written (a first stage that forms
                                       # the attention lookup at a batch that learns; docs/training.md)

@@ -215,7 +215,7 @@ class StageRun:
                 meter.add("qa_acc", float(ok))
                 meter.add(f"qa_acc_{'stm' if not retrieve else 'ret'}_{bucket(d)}", float(ok))
         if st.retriever_weight:
-            bce, count = obj.retriever_loss(tm, inputs, batch, st.negative_weight)
+            bce, count = obj.retriever_loss(tm, inputs, batch, st.negative_weight, st.retriever_into_memory)
             if bce is not None:
                 loss = loss + st.retriever_weight * bce
                 meter.add("bce", float(bce.detach()))

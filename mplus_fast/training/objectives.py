@@ -102,12 +102,14 @@ def bce(scores: torch.Tensor, labels: torch.Tensor, negative_weight: float) -> t
     return (loss_pos + negative_weight * loss_neg) / (1 + negative_weight)
 
 
-def retriever_loss(tm, layer_inputs: dict[int, torch.Tensor], batch: ReadBatch, negative_weight: float = 1.0):
+def retriever_loss(tm, layer_inputs: dict[int, torch.Tensor], batch: ReadBatch, negative_weight: float = 1.0,
+                   into_memory: bool = False):
     """BCE of the retrieval scores over every row a read could retrieve ([LTM; pending]) against
     provenance: positives are the rows written by the injection a row needs. Scores are computed
-    as at inference (mean over the prompt's tokens of sigmoid(f_q(x)·f_k(row))), with the rows,
-    the layer inputs and the layer's norm detached, so the loss trains f_q and f_k only (letting it
-    reach the rows and the questions' hidden states as well did not help: docs/training.md).
+    as at inference (mean over the prompt's tokens of sigmoid(f_q(x)·f_k(row))). By default the
+    rows, the layer inputs and the layer's norm are detached, so the loss trains f_q and f_k only;
+    `into_memory` lets it reach the rows written with a graph this step and the questions' hidden
+    states too (co-training: the encoder learns to write rows the retriever can find).
     Returns (mean loss over the (row, layer) pairs that have positives, their count)."""
     c = tm.config
     asking = batch.sources >= 0
@@ -116,7 +118,7 @@ def retriever_loss(tm, layer_inputs: dict[int, torch.Tensor], batch: ReadBatch, 
     losses = []
     qmask = batch.query_mask[asking].float()                       # (b, n)
     for l, layer in enumerate(tm.model.weights.layers):
-        rows, prov = tm.bank(l)
+        rows, prov = tm.bank(l, detach=not into_memory)
         if rows.shape[0] == 0:
             continue
         labels = prov[None, :] == batch.sources[asking][:, None]   # (b, M)
@@ -125,7 +127,8 @@ def retriever_loss(tm, layer_inputs: dict[int, torch.Tensor], batch: ReadBatch, 
             continue
         norm = layer.input_norm.detach()   # the layer's norm belongs to the backbone: not trained by this loss
         keys = F_.selector(layer.selectors["key_proj"], F_.rms_norm(rows, norm, c.rms_norm_eps), c.hidden_act)
-        h = F_.rms_norm(layer_inputs[l].detach()[asking], norm, c.rms_norm_eps)
+        x = layer_inputs[l] if into_memory else layer_inputs[l].detach()
+        h = F_.rms_norm(x[asking], norm, c.rms_norm_eps)
         q = F_.selector(layer.selectors["query_proj"], h, c.hidden_act)          # (b, n, s)
         sig = torch.sigmoid(q @ keys.transpose(0, 1))                             # (b, n, M)
         scores = (sig * qmask[:, :, None]).sum(1) / qmask.sum(1, keepdim=True)    # (b, M)

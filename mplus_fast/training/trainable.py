@@ -131,13 +131,15 @@ class TrainableMPlus:
         self.backend.store.detach_()
 
     # ------------------------------------------------------------------ the retriever's view
-    def bank(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows a read can retrieve at `layer`, [LTM; pending] (detached), and their provenance."""
+    def bank(self, layer: int, detach: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows a read can retrieve at `layer`, [LTM; pending], and their provenance; with
+        `detach=False` the rows written with a graph this step keep it."""
         st = self.state
         if not st.ltm:
             d = self.config.hidden_size
             return torch.empty(0, d), torch.empty(0, dtype=torch.int64)
-        rows = torch.cat([st.ltm[layer], st.pend[layer].to(st.ltm[layer].dtype)]).detach()
+        rows = torch.cat([st.ltm[layer], st.pend[layer].to(st.ltm[layer].dtype)])
+        rows = rows.detach() if detach else rows
         return rows, torch.cat([st.ltm_prov[layer], st.pend_prov[layer]])
 
     def next_injection_id(self) -> int:

@@ -8,6 +8,7 @@ import torch
 import mplus_fast
 from mplus_fast.training import objectives as obj
 from mplus_fast.training.trainable import TrainableMPlus, parameter_groups
+from mplus_fast.weights import ENCODER_ADAPTER
 
 # The reference computes attention probabilities in float32 whatever the model dtype (SPEC §1),
 # so a float64 loss is exact only to ~1e-7 relative: a step of 1e-3 keeps that noise and the
@@ -96,3 +97,27 @@ def test_retriever_bce_trains_only_the_selectors(ckpt_factory):
     groups = parameter_groups(model.weights)
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in groups["retriever"])
     assert all(t.grad is None for t in groups["backbone"] + groups["adapters"])
+
+
+def test_retriever_bce_into_memory_also_trains_the_writing_and_the_questions(ckpt_factory):
+    """`into_memory`: the BCE's gradient reaches the encoder adapter through the rows written with
+    a graph (the encoder only writes, so a gradient there comes from the bank rows) and the
+    backbone through the question's hidden states; detached rows (no graph) contribute nothing."""
+    path = ckpt_factory(seed=6, ltm_size=6)
+    model = mplus_fast.load(path, backend="reference", dtype=torch.float64, seed=2)
+    tm = TrainableMPlus(model, ("backbone", "adapters", "retriever"))
+    g = torch.Generator().manual_seed(1)
+    source = tm.next_injection_id()
+    for i, m in enumerate((4, 5, 4)):
+        tm.write(tm.inject(torch.randint(0, 96, (m,), generator=g), grad=i == 0))
+    rows = [obj.ReadRow("qa", torch.randint(0, 96, (3,), generator=g).tolist(), [5, 2], source)]
+    batch = obj.make_batch(rows, pad_id=0)
+    inputs = {}
+    tm.read(batch.ids, batch.valid, retrieve=True, query_mask=batch.query_mask, observe=lambda l, x: inputs.__setitem__(l, x))
+    loss, _ = obj.retriever_loss(tm, inputs, batch, into_memory=True)
+    loss.backward()
+    groups = parameter_groups(model.weights)
+    encoder = [a for layer in model.weights.layers for lin in layer.proj.values()
+               for a in lin.adapters.get(ENCODER_ADAPTER, ())]
+    assert encoder and any(t.grad is not None and t.grad.abs().sum() > 0 for t in encoder)
+    assert any(t.grad is not None and t.grad.abs().sum() > 0 for t in groups["backbone"])
