@@ -114,6 +114,8 @@ class Stage:
     in_context: bool = False          # the lookup without the memory: each fact's context is put in its
                                       # question's prompt and nothing is written (a first stage that forms
                                       # the attention lookup at a batch that learns; docs/training.md)
+    in_context_episode: bool = False  # in_context: every question read after ALL the episode's contexts, so
+                                      # it must pick its fact out of `injections` (binding)
     trainable: list[str] | None = None  # weight groups this stage trains (default: model.trainable); e.g.
                                       # ["retriever"]: f_q/f_k alone, on forward passes only (cheap)
 

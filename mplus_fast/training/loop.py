@@ -229,7 +229,8 @@ class StageRun:
         """The `in_context` stage: every question read with its fact's context before it in the
         prompt, over the STM as it stands; nothing is written, so only the backbone's lookup learns
         (reading the STM later is the same attention over a prefix)."""
-        rows = [obj.ReadRow("qa", ep.injections[i] + ask.prompt, ask.answer) for i, ask in ep.needed]
+        whole = [t for inj in ep.injections for t in inj] if self.stage.in_context_episode else None
+        rows = [obj.ReadRow("qa", (whole or ep.injections[i]) + ask.prompt, ask.answer) for i, ask in ep.needed]
         batch = obj.make_batch(rows, self.setup.pad_id)
         res = self.tm.read(batch.ids, batch.valid, retrieve=False)
         s, n = obj.token_loss(res.logits, batch.targets)
