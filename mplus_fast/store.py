@@ -18,7 +18,8 @@ the LTM bank at a merge. `update` and `merge` below are the only code that chang
 Each column has its own device (`ColumnSpec`): that is where placement is decided, once, by the
 backend's layout (see `backends/fast.py::store_layout`). `MemoryStore.view()` gives the memory in
 the reference layout (`MemoryState`) as views of the live rows: nothing is copied but the STM,
-gathered into logical order.
+gathered into logical order once after each change (`SlottedSTM.logical`), so reads between two
+updates gather nothing.
 
 A store built from a `HandedOverState` (a freshly loaded checkpoint's memory, which nobody else
 holds) takes each tensor that already has its column's dtype and device as that column's buffer
@@ -162,6 +163,11 @@ class SlottedSTM:
     @order.setter
     def order(self, order: torch.Tensor) -> None:
         self._order, self._order_on = order, {}    # copies of `order` on other devices, made once each
+        self.changed()
+
+    def changed(self) -> None:
+        """Forget the logical-order copies: a column or the order was just written."""
+        self._logical: dict[str, torch.Tensor] = {}
 
     def order_on(self, device) -> torch.Tensor:
         """`order` on `device`: one copy per device until the order changes, so a column on the
@@ -178,8 +184,18 @@ class SlottedSTM:
         return self.order.shape[1]
 
     def logical(self, name: str) -> torch.Tensor:
-        """Column `name` (L, N, *row) in logical order (a gathered copy)."""
-        return self.at(name, self.order)
+        """Column `name` (L, N, *row) in logical order: a gathered copy, made once and handed to
+        every caller until the STM changes (`write`, a new `order`, `add_ages`, `detach_`), so a
+        read gathers nothing when nothing changed. Read it, never write it. It is made outside
+        inference mode (an ordinary tensor, usable by any later call); a column in an autograd
+        graph (training) is gathered afresh each time, so each read's graph is its own."""
+        col = self.columns[name]
+        if col.requires_grad:
+            return self.at(name, self.order)
+        if name not in self._logical:
+            with torch.inference_mode(False):
+                self._logical[name] = self.at(name, self.order)
+        return self._logical[name]
 
     def at(self, name: str, slots: torch.Tensor) -> torch.Tensor:
         """Rows of column `name` at physical slots (L, k): (L, k, *row)."""
@@ -210,9 +226,16 @@ class SlottedSTM:
         for name, col in self.columns.items():
             layer = torch.arange(col.shape[0], device=col.device)[:, None]
             col[layer, slots.to(col.device)] = rows[name].to(col.device, col.dtype)
+        self.changed()
+
+    def add_ages(self, k: int) -> None:
+        """Every STM age += k (the training accounting, SPEC §7)."""
+        self.columns["ages"] += k
+        self.changed()
 
     def detach_(self) -> None:
         self.columns = {n: c.detach() for n, c in self.columns.items()}
+        self.changed()
 
 
 # ---------------------------------------------------------------------- the store
@@ -455,7 +478,7 @@ def update(store: MemoryStore, delta: torch.Tensor, generator: torch.Generator, 
     # ---- mutate (no failure expected past this point)
     store.next_injection_id = inj + 1
     if training:
-        s.columns["ages"] += T
+        s.add_ages(T)
     slots = s.land(drop)
     s.write(slots, new_rows)
     record = UpdateRecord(inj, drop, False, [0] * L, slots)
