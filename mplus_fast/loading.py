@@ -16,6 +16,13 @@ plus one tensor). The rule, for a model computing on `device` in `dtype`:
   host; its bank K/V are computed from them), so none is staged through the GPU;
 - everything else (ages, recall frequencies, provenance, counters, generator and RoPE state) is
   small and exact: kept as read, on the host; the memory state converts it where it is used.
+
+What the loader read is handed to the model as `Streamed` tensors: nobody else holds them, so the
+model keeps each as it is (the weights, and the memory's rows: the memory store takes a row tensor
+already in its column's dtype and device as that column's buffer, `store.HandedOverState`),
+instead of copying it while the loaded dict still holds the original. Peak host memory while
+loading: what the loaded model keeps plus the tensor in flight (`tests/test_streaming_load.py`
+measures it), and at most one bank chunk of derived K/V arithmetic (`store.CHUNK_ROWS`).
 """
 from __future__ import annotations
 
@@ -29,6 +36,11 @@ from mplus_fast.weights import expected_weight_shapes
 
 HOST = torch.device("cpu")
 _MEMORY_ROWS = re.compile(r"(memory|ltm\.\d+|ltm_keys\.\d+|cached_dropped_memories\.\d+|cached_dropped_keys\.\d+)")
+
+
+class Streamed(dict):
+    """Tensors the streaming loader made, each already in its place (`Placement.convert`) and held
+    by nobody else: the model built from them keeps them as they are, memory rows included."""
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,11 @@ from mplus_fast.backends import BACKENDS, make_backend
 from mplus_fast import inputs
 from mplus_fast.concurrency import ModelGate, serialised
 from mplus_fast.inputs import resolve_device, resolve_dtype
-from mplus_fast.loading import Placement, apply_preset
+from mplus_fast.loading import Placement, Streamed, apply_preset
 
 LTM_PLACEMENTS = ("device", "host")
 from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord
+from mplus_fast.store import HandedOverState
 from mplus_fast.rope import RotaryEmbedding
 from mplus_fast.weights import Weights
 
@@ -100,7 +101,9 @@ class MPlus:
         self.config = config
         self.age_mode = age_mode
         self.generation_config = dict(generation_config or {})
-        # Each tensor in its place (mplus_fast.loading); those from_pretrained streamed in are there already.
+        # Each tensor in its place (mplus_fast.loading); those from_pretrained streamed in are there
+        # already, and are this model's own: its memory store keeps them instead of copying them.
+        handed_over = isinstance(tensors, Streamed)
         placement = Placement(config, self.device, self.dtype, backend)
         tensors = placement.convert_all(tensors)
         self.weights = Weights.from_tensors(config, tensors)
@@ -109,7 +112,7 @@ class MPlus:
         # bf16/fp16 parity: the reference casts RoPE's inverse frequencies along with the model.
         self.rope = RotaryEmbedding(config, round_inv_freq_to=None if self.dtype == torch.float32 else self.dtype,
                                     device=self.device)
-        state = self._state_from_tensors(tensors)
+        state = self._state_from_tensors(tensors, handed_over)
         self.generator = torch.Generator(device="cpu")
         if seed is None:
             self.generator.seed()
@@ -138,22 +141,23 @@ class MPlus:
         device, dtype = _check_options(device, dtype, backend, seed, age_mode, ltm_placement)   # before reading
         config, tensors = load_checkpoint(path, lambda c: Placement(c, device, dtype, backend).convert)
         gen = read_generation_config(path, config)
-        model = cls(config, tensors, device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
+        model = cls(config, Streamed(tensors), device=device, dtype=dtype, backend=backend, seed=seed, age_mode=age_mode,
                     generation_config=gen, ltm_placement=ltm_placement)
         model.source = Path(path)
         model.tokenizer = _folder_tokenizer(path, tokenizer)
         return model
 
-    def _state_from_tensors(self, t: dict[str, torch.Tensor]) -> MemoryState:
+    def _state_from_tensors(self, t: dict[str, torch.Tensor], handed_over: bool = False) -> MemoryState:
         """The memory of a checkpoint's tensors in the reference layout, left where the tensors are
         (the host, for a loaded checkpoint) and in their dtype: the backend's store copies each
         column once, to where its layout keeps it (so with ltm_placement="host" the LTM hidden
-        states and K/V never reach the device)."""
+        states and K/V never reach the device). `handed_over`: the tensors are this model's own
+        (streamed in), so the store keeps those already in place instead (`HandedOverState`)."""
         c = self.config
         L, N = c.num_hidden_layers, c.stm_size
         i64 = dict(dtype=torch.int64)
         get = lambda name, default: t[name] if name in t else default
-        st = MemoryState(
+        st = (HandedOverState if handed_over else MemoryState)(
             stm=t["memory"],
             stm_ages=torch.stack([get(f"memory_ages.{i}", torch.zeros(N)).to(**i64) for i in range(L)]),
             stm_prov=get(f"{OURS}stm_provenance", torch.full((L, N), -1)).to(**i64),

@@ -20,12 +20,21 @@ class RowBuffer:
 
     def _alloc(self, capacity: int) -> torch.Tensor:
         # Pinned at allocation: a 600 MB bank layer is not first allocated pageable, then copied.
-        pin = self.pin and self.device.type == "cpu" and torch.cuda.is_available()
+        pin = pinned_here(self.pin, self.device)
         return torch.empty((capacity, *self.row_shape), dtype=self.dtype, device=self.device, pin_memory=pin)
 
     @classmethod
-    def from_tensor(cls, t: torch.Tensor, device=None, dtype=None, pin: bool = False, spare: int = 0) -> "RowBuffer":
-        buf = cls(tuple(t.shape[1:]), dtype or t.dtype, device or t.device, t.shape[0] + spare, pin)
+    def from_tensor(cls, t: torch.Tensor, device=None, dtype=None, pin: bool = False, spare: int = 0,
+                    adopt: bool = False) -> "RowBuffer":
+        """A buffer of the rows `t`: a copy, or with `adopt` `t` itself when it already is what the
+        buffer would hold (`holds_as_is`; no spare capacity asked), so a loaded bank is not held
+        twice. Adopting hands `t` over: the buffer writes into it (appends past its end reallocate)."""
+        dtype, device = dtype or t.dtype, torch.device(device or t.device)
+        if adopt and spare == 0 and holds_as_is(t, dtype, device, pin):
+            buf = cls(tuple(t.shape[1:]), dtype, device, 0, pin)
+            buf.data, buf.len = t, t.shape[0]
+            return buf
+        buf = cls(tuple(t.shape[1:]), dtype, device, t.shape[0] + spare, pin)
         buf.append(t)
         return buf
 
@@ -63,3 +72,24 @@ class RowBuffer:
 
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
+
+
+def pinned_here(pin: bool, device: torch.device) -> bool:
+    """Whether a buffer asked to be pinned is page-locked: host memory, and only where CUDA is."""
+    return pin and device.type == "cpu" and torch.cuda.is_available()
+
+
+def holds_as_is(t: torch.Tensor, dtype: torch.dtype, device, pin: bool = False) -> bool:
+    """Whether `t` can serve as a buffer of `dtype` on `device` as it is: that dtype and device,
+    contiguous (rows are written in place), and page-locked if the buffer must be."""
+    device = torch.device(device)
+    return (t.dtype == dtype and _same_device(t.device, device) and t.is_contiguous()
+            and (not pinned_here(pin, device) or t.is_pinned()))
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """`cuda` (no index: the current device) and `cuda:0` are one device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    index = lambda d: d.index if d.index is not None or d.type != "cuda" else torch.cuda.current_device()
+    return index(a) == index(b)

@@ -18,7 +18,12 @@ the LTM bank at a merge. `update` and `merge` below are the only code that chang
 Each column has its own device (`ColumnSpec`): that is where placement is decided, once, by the
 backend's layout (see `backends/fast.py::store_layout`). `MemoryStore.view()` gives the memory in
 the reference layout (`MemoryState`) as views of the live rows: nothing is copied but the STM,
-gathered into logical order.
+gathered into logical order once after each change (`SlottedSTM.logical`), so reads between two
+updates gather nothing.
+
+A store built from a `HandedOverState` (a freshly loaded checkpoint's memory, which nobody else
+holds) takes each tensor that already has its column's dtype and device as that column's buffer
+instead of copying it: loading keeps the memory once, not twice (see `mplus_fast.loading`).
 """
 from __future__ import annotations
 
@@ -29,15 +34,26 @@ import torch
 
 from mplus_fast.config import MPlusConfig
 from mplus_fast.memory import AGE_MODES, MemoryState, UpdateRecord, prune_decision, randperm_split, tile_to
-from mplus_fast.rowbuffer import RowBuffer
+from mplus_fast.rowbuffer import RowBuffer, holds_as_is
 
 BASE_STM = ("hidden", "ages", "prov")
 BASE_BANK = ("hidden", "keys", "ages", "prov")
-CHUNK_ROWS = 16_384   # rows of a loaded bank whose derived columns are computed at once (bounds the peak)
+# Rows of a loaded bank whose derived columns are computed at once. What a load holds above what
+# the model keeps is about two float32 copies of one chunk (the RMSNorm's): 4,096 rows keep that
+# at 34 MB at d 1,024 and 134 MB at d 4,096 (16,384 made it 4x that), with GEMMs still large.
+CHUNK_ROWS = 4_096
 
 
 class SyntheticBankError(RuntimeError):
     """The memory holds synthetic LTM rows (no hidden states): it cannot be materialised or saved."""
+
+
+class HandedOverState(MemoryState):
+    """A memory whose tensors are handed to the store built from it: nobody else holds them (the
+    streaming loader just made them, `MPlus.from_pretrained`), so `MemoryStore.from_state` keeps
+    each one that already has its column's dtype and device as that column's buffer (an STM
+    column is put into slot order in place, a layer at a time) instead of copying it. The state
+    must not be used after that: its tensors are the store's and change with it."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +166,11 @@ class SlottedSTM:
     @order.setter
     def order(self, order: torch.Tensor) -> None:
         self._order, self._order_on = order, {}    # copies of `order` on other devices, made once each
+        self.changed()
+
+    def changed(self) -> None:
+        """Forget the logical-order copies: a column or the order was just written."""
+        self._logical: dict[str, torch.Tensor] = {}
 
     def order_on(self, device) -> torch.Tensor:
         """`order` on `device`: one copy per device until the order changes, so a column on the
@@ -166,8 +187,18 @@ class SlottedSTM:
         return self.order.shape[1]
 
     def logical(self, name: str) -> torch.Tensor:
-        """Column `name` (L, N, *row) in logical order (a gathered copy)."""
-        return self.at(name, self.order)
+        """Column `name` (L, N, *row) in logical order: a gathered copy, made once and handed to
+        every caller until the STM changes (`write`, a new `order`, `add_ages`, `detach_`), so a
+        read gathers nothing when nothing changed. Read it, never write it. It is made outside
+        inference mode (an ordinary tensor, usable by any later call); a column in an autograd
+        graph (training) is gathered afresh each time, so each read's graph is its own."""
+        col = self.columns[name]
+        if col.requires_grad:
+            return self.at(name, self.order)
+        if name not in self._logical:
+            with torch.inference_mode(False):
+                self._logical[name] = self.at(name, self.order)
+        return self._logical[name]
 
     def at(self, name: str, slots: torch.Tensor) -> torch.Tensor:
         """Rows of column `name` at physical slots (L, k): (L, k, *row)."""
@@ -198,9 +229,16 @@ class SlottedSTM:
         for name, col in self.columns.items():
             layer = torch.arange(col.shape[0], device=col.device)[:, None]
             col[layer, slots.to(col.device)] = rows[name].to(col.device, col.dtype)
+        self.changed()
+
+    def add_ages(self, k: int) -> None:
+        """Every STM age += k (the training accounting, SPEC §7)."""
+        self.columns["ages"] += k
+        self.changed()
 
     def detach_(self) -> None:
         self.columns = {n: c.detach() for n, c in self.columns.items()}
+        self.changed()
 
 
 # ---------------------------------------------------------------------- the store
@@ -214,38 +252,28 @@ class MemoryStore:
     @classmethod
     def from_state(cls, state: MemoryState, config: MPlusConfig, layout: StoreLayout, derived: Derived,
                    given: dict[str, torch.Tensor] | None = None) -> "MemoryStore":
-        """The store of a reference-layout state (copied into the store's own buffers, converted
-        to each column's dtype and device); derived columns are computed from the hidden rows,
-        a bank `CHUNK_ROWS` rows at a time, or taken from `given` (what `derived_rows()` of a
-        store with the same weights returned: nothing is recomputed then)."""
+        """The store of a reference-layout state, in the store's own buffers (converted to each
+        column's dtype and device: copies, or with a `HandedOverState` the state's own tensors
+        where they fit); derived columns are computed from the hidden rows, a bank `CHUNK_ROWS`
+        rows at a time, or taken from `given` (what `derived_rows()` of a store with the same
+        weights returned: nothing is recomputed then)."""
         L, N = state.stm.shape[:2]
         if given is not None:
             _check_given(given, state, layout)
+        adopt = isinstance(state, HandedOverState)
         source_order = state.stm_slots if state.stm_slots is not None else torch.arange(N).repeat(L, 1)
         order = source_order.to(device=layout.stm["ages"].device, dtype=torch.int64, copy=True)
-        logical = {"hidden": state.stm, "ages": state.stm_ages, "prov": state.stm_prov}
-        if given is not None:
-            logical.update({name: given[f"stm.{name}"] for name in derived_names(layout.stm)})
-        else:
-            extra = [derived.columns(l, state.stm[l]) for l in range(L)]
-            for name in extra[0] if extra else ():
-                logical[name] = torch.stack([e[name] for e in extra])
-        columns = {}
-        for name, spec in layout.stm.items():
-            col = torch.empty((L, N, *spec.row_shape), dtype=spec.dtype, device=spec.device)
-            index = source_order.to(spec.device, torch.int64)      # from where the state has it (a host column
-            col.scatter_(1, _expand_index(index, col), logical[name].to(spec.device, spec.dtype))   # needs no device copy)
-            columns[name] = col
+        columns = _stm_columns(state, layout, derived, given, source_order.to("cpu", torch.int64), adopt)
         store = cls(config, layout, SlottedSTM(columns, order), [], [], state.update_step, state.next_injection_id,
                     state.initialized)
         if config.is_mplus:
             for l in range(L):
-                store.ltm.append(_bank_from(layout.bank, l, derived, _given_bank(given, "ltm", l, layout.bank),
+                store.ltm.append(_bank_from(layout.bank, l, derived, _given_bank(given, "ltm", l, layout.bank), adopt,
                                             hidden=state.ltm[l], keys=state.ltm_keys[l], ages=state.ltm_ages[l],
                                             prov=state.ltm_prov[l], rf=state.ltm_rf[l]))
                 store.pend.append(_bank_from(layout.pending, l, derived, _given_bank(given, "pending", l, layout.pending),
-                                             hidden=state.pend[l], keys=state.pend_keys[l], ages=state.pend_ages[l],
-                                             prov=state.pend_prov[l]))
+                                             adopt, hidden=state.pend[l], keys=state.pend_keys[l],
+                                             ages=state.pend_ages[l], prov=state.pend_prov[l]))
         return store
 
     def derived_rows(self) -> dict[str, torch.Tensor]:
@@ -337,22 +365,66 @@ def bytes_by_device(components: dict[str, dict[str, int]]) -> dict[str, int]:
     return out
 
 
-def _expand_index(index: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    return index.view(*index.shape, *([1] * (col.dim() - 2))).expand_as(col)
+def _stm_columns(state: MemoryState, layout: StoreLayout, derived: Derived, given: dict[str, torch.Tensor] | None,
+                 source_order: torch.Tensor, adopt: bool) -> dict[str, torch.Tensor]:
+    """The STM columns (L, N, *row) by slot (`source_order[l, i]`: the slot of logical row i).
+    Derived columns first, from the logical hidden rows, before an adopted hidden column is put
+    into slot order in place; each layer's rows go straight to their slots (no stacked copy)."""
+    L, N = state.stm.shape[:2]
+    columns = {name: _empty((L, N), layout.stm[name]) for name in derived_names(layout.stm)}
+    if columns:
+        for l in range(L):
+            rows = ({n: given[f"stm.{n}"][l] for n in columns} if given is not None
+                    else derived.columns(l, state.stm[l]))
+            for name, col in columns.items():
+                col[l].index_copy_(0, source_order[l].to(col.device), rows[name].to(col.device, col.dtype))
+    for name, logical in (("hidden", state.stm), ("ages", state.stm_ages), ("prov", state.stm_prov)):
+        columns[name] = _by_slot(logical, source_order, layout.stm[name], adopt)
+    return {name: columns[name] for name in layout.stm}
+
+
+def _by_slot(logical: torch.Tensor, source_order: torch.Tensor, spec: ColumnSpec, adopt: bool) -> torch.Tensor:
+    """`logical` (L, N, *row) as a column by slot: with `adopt`, `logical` itself when it already
+    has the column's dtype and device (permuted in place a layer at a time: one layer's copy at
+    most); otherwise a new column filled a layer at a time (one layer converted at a time)."""
+    L, N = logical.shape[:2]
+    identity = torch.equal(source_order, torch.arange(N).expand(L, N))
+    if adopt and holds_as_is(logical, spec.dtype, spec.device):
+        if not identity:
+            for l in range(L):
+                logical[l].index_copy_(0, source_order[l].to(logical.device), logical[l].clone())
+        return logical
+    col = _empty((L, N), spec)
+    for l in range(L):
+        col[l].index_copy_(0, source_order[l].to(col.device), logical[l].to(col.device, col.dtype))
+    return col
+
+
+def _empty(lead: tuple[int, ...], spec: ColumnSpec) -> torch.Tensor:
+    return torch.empty((*lead, *spec.row_shape), dtype=spec.dtype, device=spec.device)
 
 
 def _bank_from(specs: dict[str, ColumnSpec], l: int, derived: Derived, given: dict[str, torch.Tensor] | None,
-               **base: torch.Tensor) -> Bank:
+               adopt: bool, **base: torch.Tensor) -> Bank:
+    """One layer's bank: each base column (`base`: hidden, keys, ages, ...) copied, or with
+    `adopt` the tensor itself where it fits (`RowBuffer.from_tensor`); the derived columns
+    computed from the hidden rows `CHUNK_ROWS` at a time (or copied from `given`) into buffers
+    reserved once, so the peak is the bank plus one chunk's arithmetic."""
     bank = Bank(specs)
     n = base["ages"].shape[0]
-    bank.reserve(n)
-    for start in range(0, n, CHUNK_ROWS):
-        rows = {k: v[start:start + CHUNK_ROWS] for k, v in base.items()}
+    for name, t in base.items():
+        s = specs[name]
+        bank.columns[name] = RowBuffer.from_tensor(t, s.device, s.dtype, s.pin, adopt=adopt)
+    extra = [name for name in specs if name not in base]
+    for name in extra:
+        bank.column(name).reserve(n)
+    for start in range(0, n if extra else 0, CHUNK_ROWS):
         if given is not None:
-            extra = {k: v[start:start + CHUNK_ROWS] for k, v in given.items()}
+            rows = {k: v[start:start + CHUNK_ROWS] for k, v in given.items()}
         else:
-            extra = derived.columns(l, rows["hidden"])
-        bank.append({**rows, **extra})
+            rows = derived.columns(l, base["hidden"][start:start + CHUNK_ROWS])
+        for name in extra:
+            bank.column(name).append(rows[name])
     return bank
 
 
@@ -409,7 +481,7 @@ def update(store: MemoryStore, delta: torch.Tensor, generator: torch.Generator, 
     # ---- mutate (no failure expected past this point)
     store.next_injection_id = inj + 1
     if training:
-        s.columns["ages"] += T
+        s.add_ages(T)
     slots = s.land(drop)
     s.write(slots, new_rows)
     record = UpdateRecord(inj, drop, False, [0] * L, slots)

@@ -10,7 +10,7 @@ from mplus_fast.backends.fast import store_layout
 from mplus_fast.config import MPlusConfig
 from mplus_fast.memory import MemoryState
 from mplus_fast.ops.insertion import drop_and_concat_reference
-from mplus_fast.store import MemoryStore, NoDerived, SlottedSTM, base_layout, update
+from mplus_fast.store import HandedOverState, MemoryStore, NoDerived, SlottedSTM, base_layout, update
 from mplus_fast.testing import _config_dict
 
 CFG = MPlusConfig.from_dict(_config_dict(dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
@@ -199,3 +199,86 @@ def test_a_failing_update_leaves_the_store_as_it_was():
             assert torch.equal(value, got), name
         else:
             assert value == got, name
+
+
+# ---------------------------------------------------------------------- handed-over state, cached view
+def _handed_over(st: MemoryState) -> HandedOverState:
+    return HandedOverState(**st.__dict__)
+
+
+def test_a_handed_over_state_becomes_the_store_without_a_copy():
+    """A freshly loaded memory (HandedOverState) is kept as it is: each tensor already in its
+    column's dtype and device IS the store's buffer; a plain state is copied (its owner keeps it)."""
+    layout = base_layout(CFG, torch.float32, "cpu")
+    st = small_state()
+    copied = MemoryStore.from_state(st, CFG, layout, NoDerived(key_fn))
+    st2 = small_state()
+    kept = MemoryStore.from_state(_handed_over(st2), CFG, layout, NoDerived(key_fn))
+    assert _storage(kept.stm.columns["hidden"]) == _storage(st2.stm)
+    assert _storage(copied.stm.columns["hidden"]) != _storage(st.stm)
+    for l in range(CFG.num_hidden_layers):
+        for field, column in (("ltm", "hidden"), ("ltm_keys", "keys"), ("ltm_ages", "ages"), ("ltm_rf", "rf")):
+            assert _storage(kept.ltm[l].column(column).data) == _storage(getattr(st2, field)[l]), field
+            assert _storage(copied.ltm[l].column(column).data) != _storage(getattr(st, field)[l]), field
+    for a, b in ((copied.view(), kept.view()), (small_state(), kept.view())):
+        assert torch.equal(a.stm, b.stm) and all(torch.equal(x, y) for x, y in zip(a.ltm, b.ltm))
+
+
+def test_a_handed_over_state_in_another_dtype_or_slot_order_is_placed_right():
+    """A tensor not in its column's dtype is copied even when handed over; an STM saved with a
+    slot layout (stm_slots) is put into slot order in place and reads back in logical order."""
+    st = small_state()
+    L, N = st.stm.shape[:2]
+    g = torch.Generator().manual_seed(3)
+    st.stm_slots = torch.stack([torch.randperm(N, generator=g) for _ in range(L)])
+    want = st.clone()
+    store = MemoryStore.from_state(_handed_over(st), CFG, base_layout(CFG, torch.float32, "cpu"), NoDerived(key_fn))
+    assert _storage(store.stm.columns["hidden"]) == _storage(st.stm)      # adopted, permuted in place
+    assert torch.equal(store.stm.order, want.stm_slots)
+    view = store.view()
+    assert torch.equal(view.stm, want.stm) and torch.equal(view.stm_ages, want.stm_ages)
+    bf16 = MemoryStore.from_state(_handed_over(small_state()), CFG, base_layout(CFG, torch.bfloat16, "cpu"),
+                                  NoDerived(key_fn))
+    assert bf16.stm.columns["hidden"].dtype == torch.bfloat16
+    assert torch.equal(bf16.view().stm, small_state().stm.to(torch.bfloat16))
+
+
+def test_the_fast_stores_kv_are_the_same_from_a_handed_over_or_copied_state(ckpt_factory):
+    """The fast backend's derived K/V (computed a layer at a time into their slots) do not depend
+    on whether the rows were adopted: a loaded model equals one built from the same tensors."""
+    from mplus_fast import checkpoint
+    path = ckpt_factory(seed=6)
+    loaded = mplus_fast.load(path, seed=1, backend="fast", tokenizer=None)
+    config, tensors = checkpoint.load_checkpoint(path)
+    built = mplus_fast.MPlus(config, tensors, seed=1, backend="fast")
+    a, b = loaded.backend.store, built.backend.store
+    assert torch.equal(a.stm.columns["kv"], b.stm.columns["kv"])
+    assert all(torch.equal(x.live("kv"), y.live("kv")) for x, y in zip(a.ltm, b.ltm))
+    assert torch.equal(a.view().stm, b.view().stm)
+
+
+def test_the_logical_stm_is_gathered_once_until_the_stm_changes():
+    """Reads between two updates share one logical-order copy (no gather per read); an update
+    (or a detach) makes a new one, equal to a fresh gather; a column in an autograd graph is
+    gathered afresh per read, so two reads never share a graph."""
+    store = MemoryStore.from_state(small_state(), CFG, base_layout(CFG, torch.float32, "cpu"), NoDerived(key_fn))
+    g = torch.Generator().manual_seed(2)
+    first = store.view().stm
+    assert store.view().stm is first and store.stm.logical("ages") is store.view().stm_ages
+    delta = torch.randn(CFG.num_hidden_layers, CFG.num_tokens, CFG.hidden_size, generator=g)
+    update(store, delta, g, NoDerived(key_fn))
+    after = store.view().stm
+    assert after is not first and torch.equal(after, store.stm.at("hidden", store.stm.order))
+    assert not torch.equal(after, first)
+    update(store, delta, g, NoDerived(key_fn), age_mode="training")   # ages += T in place
+    assert torch.equal(store.view().stm_ages, store.stm.at("ages", store.stm.order))
+    with torch.inference_mode():
+        store.stm.changed()
+        made_in_inference = store.view().stm
+    assert not made_in_inference.is_inference()                      # usable by any later call
+    grad_delta = delta.clone().requires_grad_(True)
+    with torch.enable_grad():
+        update(store, grad_delta, g, NoDerived(key_fn))
+        assert store.view().stm is not store.view().stm and store.view().stm.requires_grad
+    store.detach_()
+    assert store.view().stm is store.view().stm and not store.view().stm.requires_grad
