@@ -135,13 +135,31 @@ accumulate = 2
 """
 
 
-def test_an_in_context_stage_scores_answers_and_writes_nothing(tmp_path):
-    """The `in_context` stage reads each question with its fact in the prompt: answers are
-    scored, nothing reaches the memory, and the next stage starts from its weights."""
+@pytest.mark.parametrize("whole_episode", [False, True])
+def test_an_in_context_stage_scores_answers_and_writes_nothing(tmp_path, whole_episode, monkeypatch):
+    """The `in_context` stage reads each question with its fact in the prompt (or, with
+    `in_context_episode`, after all the episode's contexts): answers are scored, nothing reaches
+    the memory, and the next stage starts from its weights."""
     import tomllib
+
+    from mplus_fast.training import loop
     text = MICRO.format(steps=2, seed=0)
     head, stage_one = text.split("[[stage]]", 1)
-    text = head + LOOKUP_FIRST + "[[stage]]" + stage_one
+    lookup = LOOKUP_FIRST
+    if whole_episode:
+        lookup = lookup.replace("injections = 1\nfacts = 1\n", "injections = 3\nfacts = 2\n") + "in_context_episode = true\n"
+    text = head + lookup + "[[stage]]" + stage_one
+    seen = []                        # (episode, the prompts of its rows)
+    real_loss, real_batch = loop.StageRun.in_context_loss, loop.obj.make_batch
+
+    def spy(self, ep, meter):
+        seen.append((ep, []))
+        monkeypatch.setattr(loop.obj, "make_batch", lambda rows, pad: seen[-1][1].extend(r.prompt for r in rows) or real_batch(rows, pad))
+        try:
+            return real_loss(self, ep, meter)
+        finally:
+            monkeypatch.setattr(loop.obj, "make_batch", real_batch)
+    monkeypatch.setattr(loop.StageRun, "in_context_loss", spy)
     cfg = parse_config(tomllib.loads(text), None, text)
     train(cfg, out=tmp_path / "run", show=False)
     lines = [l for l in log_lines(tmp_path / "run") if "loss" in l]
@@ -153,6 +171,10 @@ def test_an_in_context_stage_scores_answers_and_writes_nothing(tmp_path):
     # no injection was written in the lookup stage; the memory stage after it writes its own
     assert int(after_lookup["mplus_fast.next_injection_id"]) == 0, "an in_context stage must not write the memory"
     assert int(after_one["mplus_fast.next_injection_id"]) > 0
+    assert len(seen) == 4 * 2        # 4 steps of 2 episodes
+    for ep, prompts in seen:         # each question after its own context, or after all of them
+        whole = [t for inj in ep.injections for t in inj]
+        assert prompts == [(whole if whole_episode else ep.injections[i]) + ask.prompt for i, ask in ep.needed]
 
 
 def test_a_retriever_only_stage_changes_the_selectors_and_nothing_else(tmp_path):
