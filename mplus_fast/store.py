@@ -232,7 +232,8 @@ class MemoryStore:
                 logical[name] = torch.stack([e[name] for e in extra])
         columns = {}
         for name, spec in layout.stm.items():
-            col = torch.empty((L, N, *spec.row_shape), dtype=spec.dtype, device=spec.device)
+            pin = spec.pin and spec.device.type == "cpu" and torch.cuda.is_available()   # as RowBuffer
+            col = torch.empty((L, N, *spec.row_shape), dtype=spec.dtype, device=spec.device, pin_memory=pin)
             index = source_order.to(spec.device, torch.int64)      # from where the state has it (a host column
             col.scatter_(1, _expand_index(index, col), logical[name].to(spec.device, spec.dtype))   # needs no device copy)
             columns[name] = col
