@@ -64,7 +64,7 @@ def test_the_released_budget_counts_what_the_geometry_implies(host_budget):
     assert ("LTM bank K/V", "device") not in at                            # the host placement holds
     assert at[("LTM retrieval keys", "device")] == L * RELEASED_LTM_TOKENS * c.selector_hidden_dim * 2
     cache_rows = c.ltm_retrieved + 512 + 64                                  # [bos | STM] is attended in place
-    assert L * cache_rows * kv_row <= at[("decode cache", "device")] <= L * cache_rows * (kv_row + 1)   # + masks
+    assert at[("decode cache", "device")] == L * cache_rows * (kv_row + 1) + 8  # + validity masks, next_pos
     assert host_budget.shared_prefix_in_decode_cache == 0
 
 
