@@ -111,6 +111,7 @@ def device_kind(device: torch.device) -> str:
 # Attribute paths of the model (indices folded to [*]) -> component names; the first match wins,
 # an unmatched path is reported as itself (a renamed field shows up, it is never lost). Both the
 # backend's own fields and the memory store's columns (backend.store.*) are recognised.
+ROTATED = "[bos | STM] K/V, rotated (read in place by prefill and decode)"
 COMPONENTS = [
     (r"backend\.(dec|enc)\b.*|backend\.lm_head_t", "weights: fused and merged projections, lm_head"),
     (r"weights\.layers\[\*\]\.proj\b.*", "weights: originals of the adapted projections (for saving)"),
@@ -121,7 +122,7 @@ COMPONENTS = [
     (r"backend\.(stm_h|store\.stm\.columns\.hidden)\b.*", "STM hidden states"),
     (r"backend\.(stm_kv|store\.stm\.columns\.kv)\b.*", "STM K/V"),
     (r"backend\.(order|stm_ages|stm_prov|store\.stm)\b.*", "STM slots, ages, provenance"),
-    (r"backend\._stm_rot\b.*", "rotated [bos | STM] keys/values (cached)"),
+    (r"backend\.shared\..*", ROTATED),
     (r"backend\._enc_prefix\b.*", "injection prefix K/V (cached)"),
     (r"backend\.(bank|store\.ltm)\[\*\]\.(columns\.)?kv\b.*", "LTM bank K/V"),
     (r"backend\.(bank|store\.ltm)\[\*\]\.(columns\.)?keys\b.*", "LTM retrieval keys"),
@@ -221,8 +222,9 @@ class Budget:
             ("STM hidden states on the host (only injections and saving read them)", dev("STM hidden states")),
             ("decode attends the batch-shared [bos | STM] prefix in place (log-sum-exp merge), not a copy per sequence",
              self.shared_prefix_in_decode_cache),
-            ("one [bos | STM] K/V copy: STM keys kept rotated at their logical positions (re-rotated when an update "
-             "reorders them) instead of pre-RoPE plus a cached rotated copy", dev("rotated [bos | STM] keys/values (cached)")),
+            # pulled with the bank on the host: the pre-RoPE column went there with it
+            ("one [bos | STM] K/V copy on the device: the STM's pre-RoPE K/V on the host (read only to rebuild the "
+             "rotated copy after an update)", dev("STM K/V") if dev(ROTATED) else 0),
             ("token embeddings on the host (a step's rows gathered there and copied over: d values per token)",
              dev("weights: token embeddings")),
         ]
@@ -318,6 +320,7 @@ def run_budget(config: MPlusConfig, *, dtype: torch.dtype = torch.bfloat16, ltm_
     decode steps, with the fast backend on a GPU, and count what is allocated. The decode cache is
     static (allocated at prefill, one slot written per step), so fewer steps than `new_tokens`
     give the same peak, faster (a simulated step costs about a second here)."""
+    from mplus_fast.loading import Streamed
     from mplus_fast.model import MPlus
     for name, value in (("batch", batch), ("prompt", prompt), ("new_tokens", new_tokens),
                         ("decode_steps", 1 if decode_steps is None else decode_steps)):
@@ -335,7 +338,7 @@ def run_budget(config: MPlusConfig, *, dtype: torch.dtype = torch.bfloat16, ltm_
         phase = _phases(budget, tally)
         with phase("load: stream the checkpoint"):
             place = Placement(config, ACCELERATOR, dtype, "fast")
-            tensors = {}
+            tensors = Streamed()          # as `loading` hands them over: the model keeps them, memory rows included
             for name, (shape, stored) in checkpoint_shapes(config, ltm_rows).items():
                 source = torch.empty(shape, dtype=stored)              # the float32 buffer read from the file
                 tensors[name] = place.convert(name, source)
@@ -377,7 +380,9 @@ def _phases(budget: Budget, tally: StorageTally):
 
 def _shared_prefix_bytes(config: MPlusConfig, cache) -> int:
     """Bytes of the decode cache that hold the batch-shared [bos | STM] rows, once per sequence
-    and layer: what decoding over the shared prefix in place (merged by log-sum-exp) would save."""
+    and layer: 0 when decode attends them in place (`cache.shared`)."""
+    if cache.shared:
+        return 0
     shared = 1 + config.stm_size
     total = 0
     for k, v in zip(cache.k, cache.v):

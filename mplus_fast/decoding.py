@@ -57,6 +57,10 @@ class StaticDecoder:
         self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
         self.out = torch.full((B, max_new_tokens), pad, dtype=torch.int64, device=dev)
         self.noise = torch.ones(B, V, dtype=torch.float32, device=dev) if do_sample else None
+        # A host-resident embedding table cannot be read inside a graph: the step's rows are then
+        # looked up before it (one read-back of the chosen tokens per step) into this buffer.
+        self.x = (torch.empty(B, 1, backend.cfg.hidden_size, dtype=backend.m.dtype, device=dev)
+                  if getattr(backend, "host_embedding", False) else None)
         self.host_noise = None
         if do_sample and dev.type == "cuda":
             self.host_noise = torch.empty(B, V, dtype=torch.float32).pin_memory()
@@ -82,6 +86,11 @@ class StaticDecoder:
         for static, new in ((self.cache.k, cache.k), (self.cache.v, cache.v), (self.cache.valid, cache.valid)):
             for dst, src in zip(static, new):
                 dst.copy_(src)
+        for (dk, dv), (sk, sv) in zip(self.cache.shared, cache.shared):   # the backend's one buffer: the same
+            if dk.data_ptr() != sk.data_ptr():                               # storage unless it was reallocated
+                dk.copy_(sk)
+                dv.copy_(sv)
+        self.cache.shared_version = cache.shared_version
         self.inv_freq.copy_(inv_freq)
         self.pos.copy_(cache.next_pos[:, None])
         self.slot.fill_(cache.length[0])
@@ -108,7 +117,8 @@ class StaticDecoder:
 
     def _advance(self) -> None:
         """Forward the last chosen token, then choose the next: one graph-capturable step."""
-        logits = self.backend.decode_forward(self.cache, self.tok, self.pos, self.slot, self.inv_freq)
+        embedded = {} if self.x is None else {"x": self.x}
+        logits = self.backend.decode_forward(self.cache, self.tok, self.pos, self.slot, self.inv_freq, **embedded)
         self.pos += 1
         self.slot += 1
         self._choose(logits)
@@ -159,6 +169,8 @@ class StaticDecoder:
     def _step(self, remaining: int) -> None:
         """One step: the captured graph if there is one; else eager, or (on a GPU with enough
         steps left to pay for a capture) warm-up and capture."""
+        if self.x is not None:
+            self.x.copy_(self.backend.embed(self.tok)[:, None])
         if self.graph is not None:
             self.graph.replay()
         elif not graphs_enabled(self.tok.device) or self._capture_failed or (
@@ -203,8 +215,9 @@ def decoder_key(cache: KVCache, max_new_tokens: int, do_sample: bool, temperatur
     """What a captured step depends on: shapes, dtype and device of the cache, and every option
     baked into the step (the sampling values are Python constants of the graph)."""
     k0 = cache.k[0]
+    shared = tuple(cache.shared[0][0].shape) if cache.shared else None
     sampling = (float(temperature), top_k, top_p) if do_sample else ()
-    return (len(cache.k), tuple(k0.shape), k0.dtype, str(k0.device), max_new_tokens, bool(do_sample), sampling,
+    return (len(cache.k), tuple(k0.shape), shared, k0.dtype, str(k0.device), max_new_tokens, bool(do_sample), sampling,
             tuple(eos), int(pad))
 
 

@@ -1,8 +1,12 @@
 """The static key/value cache of generation (SPEC §4): filled at prefill with room for the tokens
-to come, one slot written per decode step; `valid` masks left padding and unwritten slots."""
+to come, one slot written per decode step; `valid` masks left padding and unwritten slots.
+
+The fast backend's cache holds only what differs per sequence ([LTM rows | prompt | new tokens]);
+the batch-shared [bos | STM] prefix is attended in place (`shared`, views of the backend's one
+rotated copy, `backends/shared_prefix.py`) and merged with the per-sequence part by log-sum-exp."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,12 +19,16 @@ class KVCache:
     length: list[int]            # filled slots per layer (equal across the batch)
     valid: list[torch.Tensor]    # per layer (B, capacity) bool
     next_pos: torch.Tensor       # (B,) int64 RoPE position of the next token
+    # per layer (k, v) (1, Hkv, P_s, D) attended by every sequence besides its own slots, or empty
+    shared: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    shared_version: int | None = None   # the version of the shared prefix it was made against
 
-    def add_layer(self, k_parts, v_parts, key_valid, extra: int) -> None:
+    def add_layer(self, k_parts, v_parts, key_valid, extra: int, shared=None) -> None:
         """Append one layer's prefill keys/values, the concatenation along the sequence of
         `k_parts` / `v_parts` (each (B or 1, Hkv, s_i, D)), with room for `extra` decoded tokens:
         each part is written straight into the static cache (no concatenation first, no zero fill
-        of what is overwritten; the unwritten slots are zeroed, masked keys must not be NaN)."""
+        of what is overwritten; the unwritten slots are zeroed, masked keys must not be NaN).
+        `shared`: the layer's batch-shared (k, v) prefix, kept by reference (not copied)."""
         B, S = key_valid.shape
         H, D = k_parts[-1].shape[1], k_parts[-1].shape[3]
         kc, vc = k_parts[-1].new_empty(B, H, S + extra, D), v_parts[-1].new_empty(B, H, S + extra, D)
@@ -39,6 +47,8 @@ class KVCache:
         self.v.append(vc)
         self.valid.append(valid)
         self.length.append(S)
+        if shared is not None:
+            self.shared.append(shared)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write one decode step's k/v (B, Hkv, 1, D) into layer `layer`; returns the filled

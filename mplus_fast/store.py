@@ -401,7 +401,8 @@ def _by_slot(logical: torch.Tensor, source_order: torch.Tensor, spec: ColumnSpec
 
 
 def _empty(lead: tuple[int, ...], spec: ColumnSpec) -> torch.Tensor:
-    return torch.empty((*lead, *spec.row_shape), dtype=spec.dtype, device=spec.device)
+    pin = spec.pin and spec.device.type == "cpu" and torch.cuda.is_available()   # as RowBuffer
+    return torch.empty((*lead, *spec.row_shape), dtype=spec.dtype, device=spec.device, pin_memory=pin)
 
 
 def _bank_from(specs: dict[str, ColumnSpec], l: int, derived: Derived, given: dict[str, torch.Tensor] | None,

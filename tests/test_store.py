@@ -107,14 +107,17 @@ def test_both_backends_stores_agree_row_by_row_through_merges(ckpt_factory):
 
 def test_host_placement_keeps_no_ltm_bytes_on_the_device():
     """The fast layout with the bank on the host, the compute device stood in by "meta": the LTM
-    and pending hidden states and K/V are host buffers; only STM columns and the bank's small
-    per-row columns (retrieval keys, ages, recall frequencies, provenance) are on the device."""
+    and pending hidden states and K/V, and the STM's, are host buffers; only the STM's ages,
+    provenance and slots and the bank's small per-row columns (retrieval keys, ages, recall
+    frequencies, provenance) are on the device."""
     meta = torch.device("meta")
     layout = store_layout(CFG, torch.bfloat16, meta, "host")
     for specs in (layout.bank, layout.pending):
         assert specs["hidden"].device.type == "cpu" and specs["kv"].device.type == "cpu"
     assert layout.stm["hidden"].device.type == "cpu"              # read only by injections and saving
-    assert layout.stm["kv"].device == meta and store_layout(CFG, torch.bfloat16, meta, "device").stm["hidden"].device == meta
+    assert layout.stm["kv"].device.type == "cpu"                  # pre-RoPE: read only to rebuild the rotated copy
+    on_device = store_layout(CFG, torch.bfloat16, meta, "device").stm
+    assert on_device["hidden"].device == meta and on_device["kv"].device == meta
 
     class HostKV:  # K/V computed on the host (a stand-in for the device projection + copy back)
         def columns(self, l, hidden):
@@ -127,7 +130,7 @@ def test_host_placement_keeps_no_ltm_bytes_on_the_device():
     sizes = store.nbytes()
     for component in ("bank_kv", "hidden_states"):
         assert set(sizes[component]) == {"cpu"} and sizes[component]["cpu"] > 0, component
-    assert set(sizes["stm"]) == {"meta", "cpu"}                  # K/V, ages, slots on the device; hidden on the host
+    assert set(sizes["stm"]) == {"meta", "cpu"}                  # ages, slots on the device; hidden, K/V on the host
     assert set(sizes["retrieval_keys"]) == {"meta"}
 
 

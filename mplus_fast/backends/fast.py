@@ -7,6 +7,7 @@
 | `backends/fused.py` | weight fusion: merged, fused (in, out) projections; the encoder adapter as a low-rank correction |
 | `backends/prefill.py` | reading: prefill attention over [bos | LTM | STM | prompt], the decode cache |
 | `backends/retrieve.py` | retrieval over the bank and the fetch of the chosen K/V rows (prefetch engine for a host bank) |
+| `backends/shared_prefix.py` | the batch-shared [bos | STM] K/V, rotated: the device's one copy, read in place by prefill and decode |
 | `backends/decode.py` | one decode step / the capturable `decode_forward` |
 | `backends/inject.py` | injection against the cached [bos | last T STM] prefix |
 | `backends/dispatch.py` | per-device kernel choice (native op or torch) |
@@ -20,7 +21,10 @@ update and merge. Placement (`store_layout`): STM columns and the bank's retriev
 recall frequencies and provenance on the compute device; the bank's and pending buffer's K/V on
 the compute device ("device") or in host memory ("host", pinned when computing on a GPU); their
 hidden states always on the host (only `save_pretrained` / `model.state` need them), and with
-"host" the STM's hidden states too (injections copy the T rows a layer they read). Synthetic rows
+"host" the STM's hidden states and pre-RoPE K/V too (injections copy the T rows a layer they
+read; the K/V are read when an update rebuilds the rotated [bos | STM] copy on the device, see
+`backends/shared_prefix.py`) and, for an untied lm_head, the token embeddings (a read copies the
+few rows of its ids over). Synthetic rows
 for benchmarks (`add_synthetic_ltm`) have no hidden states, and such a memory refuses to be
 materialised or saved.
 """
@@ -34,6 +38,7 @@ from mplus_fast.backends.dispatch import attention, decode_attention, decode_mat
 from mplus_fast.backends.fused import FusedLayer, Projections, fuse_layer, in_out  # noqa: F401  (re-exported)
 from mplus_fast.backends.result import ReadResult
 from mplus_fast.backends.retrieve import fill_pending, gather_split  # noqa: F401  (re-exported)
+from mplus_fast.backends.shared_prefix import SharedPrefix
 from mplus_fast.memory import MemoryState, UpdateRecord
 from mplus_fast.store import (ColumnSpec, MemoryStore, StoreLayout, SyntheticBankError, base_layout,  # noqa: F401
                               bytes_by_device, update)
@@ -52,7 +57,10 @@ def store_layout(config, dtype: torch.dtype, device: torch.device, placement: st
     # With the bank on the host the STM hidden states go there too: only injections (T rows a
     # layer, copied over) and saving read them, and they are 2.7 GB of the released model's budget.
     stm_hidden = hidden if placement == "host" else base.stm["hidden"]
-    return StoreLayout(stm={**base.stm, "hidden": stm_hidden, "kv": ColumnSpec(kv_shape, dtype, torch.device(device))},
+    # So do the STM's pre-RoPE K/V: the device keeps them once, rotated (`SharedPrefix`), and reads
+    # this column only to rebuild that copy after an update.
+    stm_kv = bank_kv if placement == "host" else ColumnSpec(kv_shape, dtype, torch.device(device))
+    return StoreLayout(stm={**base.stm, "hidden": stm_hidden, "kv": stm_kv},
                        bank={**base.bank, "hidden": hidden, "kv": bank_kv},
                        pending={**base.pending, "hidden": hidden, "kv": bank_kv})
 
@@ -72,13 +80,20 @@ class FastBackend:
         self.enc = ([Projections(d.fused, l, enc, dec) for d, l in zip(self.dec, model.weights.layers)]
                     if enc != dec else self.dec)
         self.lm_head_t = in_out(model.weights.lm_head)                           # (d, V), see FusedLayer
-        if model.weights.lm_head is not model.weights.embed:
+        tied = model.weights.lm_head is model.weights.embed
+        if not tied:
             model.weights.lm_head = self.lm_head_t.t()                           # one copy, two views
         if model.device.type != "cpu":
             model.weights.move_projections("cpu")                                # originals: for saving only
         # Where the LTM bank's K/V rows live: on the compute device, or ("host") in CPU memory
         # (pinned when computing on a GPU), fetched per prompt by the prefetch engine.
         self.placement = model.ltm_placement
+        if self.placement == "host" and model.device.type != "cpu" and not tied:
+            # The low-memory mode keeps the token embeddings on the host too (1 GB at the released
+            # size): a step looks up its few rows there (`embed`). A tied table is lm_head's too,
+            # which stays on the device, so it stays there.
+            model.weights.embed = model.weights.embed.to("cpu")
+        self.shared = SharedPrefix()                                             # [bos | STM] K/V, rotated
         self.ltm_device = torch.device("cpu") if self.placement == "host" else model.device
         self._prefetch = None
         # bos keys/values at position 0 (RoPE at 0 is the identity), per adapter: fixed for good.
@@ -87,6 +102,19 @@ class FastBackend:
         self.load_state(state)
 
     # ------------------------------------------------------------------ compute over memory rows
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of `ids` (any shape) on the ids' device; a host-resident table is read
+        on the host and only the rows are copied over (the ids are read back: not capturable)."""
+        table = self.m.weights.embed
+        if table.device == ids.device:
+            return table[ids]
+        return table[ids.to(table.device)].to(ids.device)
+
+    @property
+    def host_embedding(self) -> bool:
+        """Whether the embedding table lives off the compute device (see `embed`)."""
+        return self.m.weights.embed.device != self.m.device
+
     def norm(self, l, x):
         return L_.rms_norm(x, self.m.weights.layers[l].input_norm, self.cfg.rms_norm_eps)
 
@@ -127,8 +155,8 @@ class FastBackend:
     def decode_step(self, cache, tokens: torch.Tensor) -> torch.Tensor:
         return decode.decode_step(self, cache, tokens)
 
-    def decode_forward(self, cache, tokens, pos, slot, inv_freq) -> torch.Tensor:
-        return decode.decode_forward(self, cache, tokens, pos, slot, inv_freq)
+    def decode_forward(self, cache, tokens, pos, slot, inv_freq, x=None) -> torch.Tensor:
+        return decode.decode_forward(self, cache, tokens, pos, slot, inv_freq, x)
 
     def inject(self, ids: torch.Tensor) -> torch.Tensor:
         return inject.inject(self, ids)
@@ -153,8 +181,9 @@ class FastBackend:
         return self.store.derived_rows()
 
     def _dirty(self):
-        """Drop what is cached from the STM: the rotated [bos | STM] keys and the injection prefix."""
-        self._stm_rot = None          # (inv_freq, k_rot (L, Hkv, N, D), v (L, Hkv, N, D))
+        """The STM changed: the rotated [bos | STM] K/V are rebuilt (in place) at the next read; the
+        injection prefix is dropped."""
+        self.shared.invalidate()
         self._enc_prefix = [None] * self.cfg.num_hidden_layers
 
     def memory_state(self) -> MemoryState:

@@ -20,7 +20,7 @@ def inject(eng, ids: torch.Tensor) -> torch.Tensor:
     p_len = 1 + T - lead                  # = 1 + min(T, m)
     inv_freq = m.rope.inv_freq_for(T + mlen)
     q_pos = torch.arange(p_len, T + mlen + 1, device=ids.device)
-    x = m.weights.embed[ids][None]
+    x = eng.embed(ids)[None]
     stm = eng.store.stm
     deltas = []
     for l in range(c.num_hidden_layers):

@@ -2,7 +2,8 @@
 without building that sequence. Per layer: the prompt's fused QKV, retrieval (started fetch of
 the chosen K/V rows), attention in two exact parts merged by log-sum-exp — [bos | STM | prompt]
 first, against the batch-shared cached [bos | STM] keys, while the LTM rows are still being
-fetched, then the R fetched rows rotated on load — o-proj and MLP; the decode cache when asked."""
+fetched, then the R fetched rows rotated on load — o-proj and MLP; the decode cache when asked
+(its per-sequence part only: [LTM rows | prompt]; decode attends [bos | STM] in place)."""
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,11 @@ def read(eng, ids, valid, *, cache_extra: int | None = None, last_only: bool = F
     in_pos = P + (valid.long().cumsum(1) - 1).clamp(min=0)
     inv_freq = m.rope.inv_freq_for(int(in_pos.max()))
     ltm_pos = torch.arange(1, R + 1, device=dev)
-    x = m.weights.embed[ids]
+    x = eng.embed(ids)
     cache = KVCache([], [], [], [], in_pos[:, -1] + 1) if cache_extra is not None else None
+    if cache is not None and use_memory:
+        eng.shared.get(eng, inv_freq)                 # built now if stale: the version the cache reads
+        cache.shared_version = eng.shared.version
     all_idx, all_prov = [], []
     for l in range(c.num_hidden_layers):
         with nvtx_range(f"fast.read.layer{l}"):
@@ -50,35 +54,15 @@ def read(eng, ids, valid, *, cache_extra: int | None = None, last_only: bool = F
                 all_prov.append(torch.empty(B, 0, dtype=torch.int64))
             x = eng.layer_rest(l, fused, x, attn)
             if cache is not None:
-                cache.add_layer(*full_prefix(eng, l, rows, k_t, v_t, valid, ltm_pos, inv_freq, use_memory), cache_extra)
+                shared = shared_prefix(eng, l, inv_freq) if use_memory else None
+                cache.add_layer(*full_prefix(eng, l, rows, k_t, v_t, valid, ltm_pos, inv_freq), cache_extra, shared)
     x = L_.rms_norm(x[:, -1:] if last_only else x, m.weights.final_norm, c.rms_norm_eps)
     return ReadResult((x @ eng.lm_head_t).float(), all_idx, all_prov, cache)
 
 
-def stm_rotated(eng, inv_freq):
-    """Per layer, the batch-shared prefix [bos | STM] as keys (STM rotated to positions
-    R+1+logical, in slot order: attention over a fully visible prefix does not care about row
-    order) and values: (L, Hkv, 1+N, D) each. Cached on the backend until the STM or the RoPE
-    frequencies change."""
-    if eng._stm_rot is not None and torch.equal(eng._stm_rot[0], inv_freq):
-        return eng._stm_rot[1], eng._stm_rot[2]
-    c, stm = eng.cfg, eng.store.stm
-    order, kv = stm.order, stm.columns["kv"]
-    pos = torch.empty_like(order)
-    pos.scatter_(1, order, torch.arange(c.stm_size, device=order.device).expand_as(order))
-    pos = pos + c.ltm_retrieved + 1                                       # (L, N) position of each slot
-    k = apply_rope(kv[:, :, 0].permute(0, 2, 1, 3), pos, inv_freq)        # (L, Hkv, N, D)
-    bos = torch.stack(eng.bos_dec)                                        # (L, 1, 2, Hkv, D)
-    k = torch.cat([bos[:, :, 0].transpose(1, 2), k], dim=2).contiguous()
-    v = torch.cat([bos[:, :, 1].transpose(1, 2), kv[:, :, 1].permute(0, 2, 1, 3)], dim=2).contiguous()
-    eng._stm_rot = (inv_freq.clone(), k, v)
-    return k, v
-
-
 def shared_prefix(eng, l, inv_freq):
     """[bos | STM] keys (rotated) and values of layer l, shared by the whole batch: (1, Hkv, 1+N, D)."""
-    k, v = stm_rotated(eng, inv_freq)
-    return k[l][None], v[l][None]
+    return eng.shared.layer(eng, l, inv_freq)
 
 
 def prefill_attention(eng, l, q, k_t, v_t, valid, fetch, ltm_pos, inv_freq):
@@ -98,19 +82,15 @@ def prefill_attention(eng, l, q, k_t, v_t, valid, fetch, ltm_pos, inv_freq):
     return merge_attention_states(out, lse, out_l, lse_l)[0], rows
 
 
-def full_prefix(eng, l, rows, k_t, v_t, valid, ltm_pos, inv_freq, use_memory):
-    """Keys (rotated) and values of [bos | LTM | STM | prompt] for the decode cache, as parts
-    (the shared ones broadcast over the batch) and the key validity (B, S)."""
+def full_prefix(eng, l, rows, k_t, v_t, valid, ltm_pos, inv_freq):
+    """Keys (rotated) and values of the per-sequence part of the decode cache, [LTM rows | prompt],
+    as parts, and the key validity (B, S). The batch-shared [bos | STM] is not copied into it:
+    decode attends it in place (`KVCache.shared`)."""
     B = k_t.shape[0]
     k_parts, v_parts = [], []
-    if use_memory:
-        k_s, v_s = shared_prefix(eng, l, inv_freq)
-        k_parts, v_parts = [k_s[:, :, :1].expand(B, -1, -1, -1)], [v_s[:, :, :1].expand(B, -1, -1, -1)]
-        if rows is not None:
-            k_parts.append(apply_rope(rows[:, :, 0].transpose(1, 2), ltm_pos, inv_freq))
-            v_parts.append(rows[:, :, 1].transpose(1, 2))
-        k_parts.append(k_s[:, :, 1:].expand(B, -1, -1, -1))
-        v_parts.append(v_s[:, :, 1:].expand(B, -1, -1, -1))
+    if rows is not None:
+        k_parts.append(apply_rope(rows[:, :, 0].transpose(1, 2), ltm_pos, inv_freq))
+        v_parts.append(rows[:, :, 1].transpose(1, 2))
     p_len = sum(k.shape[2] for k in k_parts)
     key_valid = torch.cat([torch.ones(B, p_len, dtype=torch.bool, device=k_t.device), valid], dim=1)
     return k_parts + [k_t], v_parts + [v_t], key_valid

@@ -16,6 +16,12 @@
     returns  (B, Hq, 1, D) contiguous: softmax(q·kᵀ·scale over valid keys) · v; a row with no
              valid key is zero (as SDPA's fused kernels).
 
+`decode_attention_lse(q, k, v, valid, scale) -> (out, lse)` (plain PyTorch, every device; not an op)
+
+    The same attention returning float32 `out` (B, Hq, 1, D) and its log-sum-exp `lse` (B, Hq, 1)
+    (-inf for a row with no valid key, whose `out` is zero): the per-sequence part of a decode step
+    whose batch-shared prefix is attended separately and merged (`backends/dispatch.py`).
+
 Kernels: CPU (csrc/ops/decode.cpp): column-blocked GEMV reading each weight once; split-key
 attention sharing every K/V row among the query heads of its group, merged by log-sum-exp. On a
 GPU the engine calls cuBLAS / SDPA directly (these references), so there are no CUDA kernels.
@@ -27,7 +33,8 @@ import torch.nn.functional as F
 
 from mplus_fast.ops._library import define_op
 
-__all__ = ["decode_gemv", "decode_attention", "decode_gemv_reference", "decode_attention_reference"]
+__all__ = ["decode_gemv", "decode_attention", "decode_gemv_reference", "decode_attention_reference",
+           "decode_attention_lse"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -70,6 +77,21 @@ def decode_attention_reference(q, k, v, valid, scale: float) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q.reshape(B, Hkv, Hq // Hkv, D), k, v, attn_mask=valid[:, None, None, :],
                                          scale=scale)
     return out.reshape(B, Hq, 1, D).contiguous()
+
+
+def decode_attention_lse(q, k, v, valid, scale: float):
+    """See the module doc. Logits, softmax and the sum over values in float32 (as the native
+    kernel and SDPA accumulate); the K/V of a kv head are read once for its G query heads."""
+    check_decode_attention_args(q, k, v, valid)
+    B, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, D).float()                               # (B, Hkv, G, D)
+    logits = torch.matmul(qg, k.float().transpose(2, 3)) * scale               # (B, Hkv, G, S)
+    logits = torch.where(valid[:, None, None, :], logits, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)                                      # (B, Hkv, G)
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(nan=0.0)             # a row with no valid key: 0
+    out = torch.matmul(probs, v.float())                                       # (B, Hkv, G, D)
+    return out.reshape(B, Hq, 1, D), lse.reshape(B, Hq, 1)
 
 
 def _gemv_fake(x, w):

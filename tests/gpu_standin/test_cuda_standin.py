@@ -206,3 +206,23 @@ def test_memory_attention_names_the_device_it_expected():
         pos, freq = torch.arange(3, device="cuda"), torch.ones(2)
         with pytest.raises(ValueError, match=r"inv_freq is on cpu but q is on cuda:0"):
             memory_attention(q, k, k, None, pos, freq, k, k, None, 0.5)
+
+
+def test_low_memory_mode_keeps_the_embeddings_on_the_host(ckpt, tmp_path):
+    """With the bank on the host (and an untied lm_head) the token embeddings stay on the host: a
+    read copies its ids' rows over, the captured decode step gets them looked up before each
+    replay. Same logits and tokens as with the table on the device; a tied table stays there."""
+    with cuda_standin() as sim:
+        host = mplus_fast.load(ckpt, seed=0, device="cuda", ltm_placement="host")
+        dev = mplus_fast.load(ckpt, seed=0, device="cuda", ltm_placement="device")
+        assert host.weights.embed.device.type == "cpu" and host.backend.host_embedding
+        assert dev.weights.embed.device.type == "cuda" and not dev.backend.host_embedding
+        ids = cuda(torch.tensor(PROMPTS))
+        assert torch.equal(to_host(host(ids).logits), to_host(dev(ids).logits))
+        captures = sim.captures
+        gen = host.generate(ids, max_new_tokens=10, eos_token_id=[])
+        assert sim.captures == captures + 1 and not sim.capture_errors, sim.capture_errors
+        assert torch.equal(to_host(gen), to_host(dev.generate(ids, max_new_tokens=10, eos_token_id=[])))
+        tied = mplus_fast.load(make_random_checkpoint(tmp_path / "tied", seed=7, tie_word_embeddings=True),
+                               seed=0, device="cuda", ltm_placement="host")
+        assert tied.weights.embed.device.type == "cuda" and tied.weights.lm_head is tied.weights.embed
