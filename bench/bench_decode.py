@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mplus_fast.ops  # noqa: F401
+from mplus_fast.backends.dispatch import split_decode_attention
 from mplus_fast.ops.decode import decode_attention_reference, decode_gemv_reference
 from mplus_fast.ops.testing import skip_unless_native
 
@@ -58,3 +59,27 @@ def test_decode_attention(benchmark, impl):
     benchmark.pedantic(fn, args=(q, k, v, valid, D ** -0.5), setup=_evict, rounds=10,
                        warmup_rounds=1)
     _record(benchmark, 2 * k.numel() * 4)
+
+
+# The fast backend's decode layout: the batch-shared [bos | STM] (1, Hkv, 1+N, D) attended in place
+# besides each sequence's [LTM | prompt | new] cache. "split": the two-part path the GPU takes
+# (memory_attention + float32 torch + log-sum-exp merge), run here on the CPU for comparison.
+SHARED = {"reference": decode_attention_reference, "native": torch.ops.mplus_fast.decode_attention,
+          "split": lambda q, k, v, valid, scale, ks, vs: split_decode_attention(q, k, v, valid, ks, vs, scale)}
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("impl", list(SHARED))
+def test_decode_attention_shared(benchmark, impl, B):
+    if impl == "native":
+        skip_unless_native("decode_attention")
+    Hq, Hkv, P, S, D = 16, 4, 2561, 720, 64   # CPU mid: 1 + 40·64 shared rows, 640 LTM + prompt + new
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    ks, vs = torch.randn(1, Hkv, P, D, generator=g), torch.randn(1, Hkv, P, D, generator=g)
+    k, v = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[:, -20:] = False
+    benchmark.pedantic(SHARED[impl], args=(q, k, v, valid, D ** -0.5, ks, vs), setup=_evict, rounds=10,
+                       warmup_rounds=1)
+    _record(benchmark, 2 * (ks.numel() + k.numel()) * 4)

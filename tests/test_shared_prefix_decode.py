@@ -38,7 +38,10 @@ def test_split_attention_equals_attention_over_the_copied_prefix(B):
     got = split_decode_attention(q, k, v, valid, ks, vs, 0.25)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert rel_err(got, want) < 1e-6
-    assert torch.equal(decode_attention(q, k, v, valid, 0.25, (ks, vs)), got)
+    # the engine's choice: on the CPU the native kernel attends both parts in one pass
+    native = decode_attention(q, k, v, valid, 0.25, (ks, vs))
+    assert native.shape == want.shape and native.dtype == want.dtype
+    assert rel_err(native, want) < 1e-6
 
 
 def test_split_attention_bf16_error_budget():

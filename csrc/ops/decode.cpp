@@ -9,7 +9,10 @@
 // task per (batch, kv head, key split): the G = Hq/Hkv query heads of the kv head share every key
 // and value row loaded (GQA), scores for the split go to a float32 scratch, then an exp2 pass
 // (vectorised, shared with memory_attention) and the P·V pass. Splits are merged by log-sum-exp.
-// Keys and values are each read once, sequentially.
+// Keys and values are each read once, sequentially. An optional batch-shared prefix (k_shared /
+// v_shared, (1, Hkv, P, D), all visible: the [bos | STM] every sequence reads) is attended in the
+// same pass by tasks of its own, each over all B·G query rows of a kv head (so a shared row is
+// read once per step for the whole batch), and merged with the sequence's splits.
 #include "ops/check.h"
 #include "ops/softmax.h"
 
@@ -20,9 +23,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace mplus_fast {
@@ -138,10 +144,10 @@ void check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Te
               "decode_attention: q, k, v and valid must share a device");
 }
 
-struct Partial {  // one split's unnormalised result for its G query heads
-  std::vector<float> o;  // G x D: sum of 2^(s - m) v
-  std::vector<float> m;  // G: max log2-scaled score (-inf when no valid key)
-  std::vector<float> l;  // G: sum of 2^(s - m)
+struct Partial {  // one task's unnormalised result for its query rows
+  std::vector<float> o;  // rows x D: sum of 2^(s - m) v
+  std::vector<float> m;  // rows: max log2-scaled score (-inf when no valid key)
+  std::vector<float> l;  // rows: sum of 2^(s - m)
 };
 
 // out[g * ld] = q[g] . kr for g < G (q: G rows of D floats). Scalar fallback, vectorisable.
@@ -204,9 +210,11 @@ inline const float* as_float_row(const T* row, int64_t D, float* buf) {
   }
 }
 
+// `rows` query rows qf (float, pre-scaled by scale * log2 e) over n keys/values of one kv head;
+// valid == nullptr: every key is visible (the shared prefix).
 template <typename T>
-void attend_split(const T* q, const T* k, const T* v, int64_t sks, int64_t svs, const bool* valid, int64_t n,
-                  int64_t G, int64_t D, float qscale, Partial& part, std::vector<float>& scores) {
+void attend_split(const float* qf, int64_t rows, const T* k, const T* v, int64_t sks, int64_t svs, const bool* valid,
+                  int64_t n, int64_t D, Partial& part, std::vector<float>& scores, std::vector<float>& buf) {
   DotsFn dots = dots_scalar;
   AxpysFn axpys = axpys_scalar;
 #if defined(__x86_64__)
@@ -215,16 +223,14 @@ void attend_split(const T* q, const T* k, const T* v, int64_t sks, int64_t svs, 
     axpys = axpys_avx2;
   }
 #endif
-  std::vector<float> qf(static_cast<size_t>(G * D));
-  for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(q[i]) * qscale;
-  scores.assign(static_cast<size_t>(G * n), kNegInf);
-  std::vector<float> buf(static_cast<size_t>(D));
+  scores.assign(static_cast<size_t>(rows * n), kNegInf);
+  buf.resize(static_cast<size_t>(D));
   for (int64_t s = 0; s < n; ++s)
-    if (valid[s]) dots(qf.data(), G, D, as_float_row(k + s * sks, D, buf.data()), scores.data() + s, n);
-  part.o.assign(static_cast<size_t>(G * D), 0.0f);
-  part.m.assign(static_cast<size_t>(G), kNegInf);
-  part.l.assign(static_cast<size_t>(G), 0.0f);
-  for (int64_t g = 0; g < G; ++g) {
+    if (!valid || valid[s]) dots(qf, rows, D, as_float_row(k + s * sks, D, buf.data()), scores.data() + s, n);
+  part.o.assign(static_cast<size_t>(rows * D), 0.0f);
+  part.m.assign(static_cast<size_t>(rows), kNegInf);
+  part.l.assign(static_cast<size_t>(rows), 0.0f);
+  for (int64_t g = 0; g < rows; ++g) {
     float* row = scores.data() + g * n;
     float mx = kNegInf;
     for (int64_t s = 0; s < n; ++s) mx = row[s] > mx ? row[s] : mx;
@@ -236,70 +242,131 @@ void attend_split(const T* q, const T* k, const T* v, int64_t sks, int64_t svs, 
     part.l[g] = exp2_sub_sum(row, n, mx);
   }
   for (int64_t s = 0; s < n; ++s)
-    if (valid[s]) axpys(scores.data() + s, n, G, D, as_float_row(v + s * svs, D, buf.data()), part.o.data());
+    if (!valid || valid[s]) axpys(scores.data() + s, n, rows, D, as_float_row(v + s * svs, D, buf.data()), part.o.data());
 }
 
+// Key splits of a part of `len` keys such that about `want` tasks cover it, each >= 256 keys.
+inline int64_t splits_for(int64_t len, int64_t want) { return std::max<int64_t>(1, std::min<int64_t>(want, len / 256)); }
+
+// Tasks: first the shared prefix's (kv head, split) — the B*G query rows of the kv head's group
+// across the batch share each shared key row loaded, so it is read once per step, not once per
+// sequence — then each sequence's (batch, kv head, split). Threads take tasks in that order
+// from a counter (the shared tasks are the long ones), so unequal parts still balance. The
+// result is the same whatever thread ran a task: every task writes its own partial and the
+// partials are merged in a fixed order.
 template <typename T>
 void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& valid,
-                             double scale, at::Tensor& out) {
+                             const at::Tensor* ks, const at::Tensor* vs, double scale, at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2), G = Hq / Hkv;
-  // Split the keys so every thread has work even for one sequence with few kv heads.
+  const int64_t Ps = ks ? ks->size(2) : 0;
   const int64_t threads = at::get_num_threads();
-  const int64_t want = std::max<int64_t>(1, (2 * threads + B * Hkv - 1) / (B * Hkv));
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, S / 256));
+  const int64_t splits = splits_for(S, (2 * threads + B * Hkv - 1) / (B * Hkv));
   const int64_t span = (S + splits - 1) / splits;
-  std::vector<Partial> parts(static_cast<size_t>(B * Hkv * splits));
+  const int64_t splits_s = Ps > 0 ? splits_for(Ps, (2 * threads + Hkv - 1) / Hkv) : 0;
+  const int64_t span_s = splits_s > 0 ? (Ps + splits_s - 1) / splits_s : 0;
+  const int64_t n_shared = Hkv * splits_s, n_tasks = n_shared + B * Hkv * splits;
+  // The queries as float, pre-scaled, twice: (B, Hkv, G, D) for the per-sequence tasks and
+  // (Hkv, B, G, D) for the shared ones (a kv head's rows of the whole batch, consecutive).
+  const float qscale = static_cast<float>(scale) * kLog2e;
+  std::vector<float> qf(static_cast<size_t>(B * Hq * D)), qs(Ps > 0 ? qf.size() : 0);
   const T* qp = q.const_data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hq = 0; hq < Hq; ++hq)
+      for (int64_t d = 0; d < D; ++d) {
+        const float x = static_cast<float>(qp[b * q.stride(0) + hq * q.stride(1) + d]) * qscale;
+        qf[(b * Hq + hq) * D + d] = x;
+        if (Ps > 0) qs[(((hq / G) * B + b) * G + hq % G) * D + d] = x;
+      }
+  std::vector<Partial> parts(static_cast<size_t>(n_tasks));
   const T* kp = k.const_data_ptr<T>();
   const T* vp = v.const_data_ptr<T>();
   const bool* mp = valid.const_data_ptr<bool>();
-  const float qscale = static_cast<float>(scale) * kLog2e;
-  at::parallel_for(0, B * Hkv * splits, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (Hkv * splits), h = (t / splits) % Hkv, sp = t % splits;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n_tasks), 1, [&](int64_t, int64_t) {
+    std::vector<float> scores, buf;
+    for (int64_t t = next++; t < n_tasks; t = next++) {
+      if (t < n_shared) {
+        const int64_t h = t / splits_s, s0 = (t % splits_s) * span_s, n = std::max<int64_t>(0, std::min(span_s, Ps - s0));
+        attend_split<T>(qs.data() + h * B * G * D, B * G,
+                        ks->const_data_ptr<T>() + ks->stride(1) * h + ks->stride(2) * s0,
+                        vs->const_data_ptr<T>() + vs->stride(1) * h + vs->stride(2) * s0, ks->stride(2),
+                        vs->stride(2), nullptr, n, D, parts[t], scores, buf);
+        continue;
+      }
+      const int64_t u = t - n_shared;
+      const int64_t b = u / (Hkv * splits), h = (u / splits) % Hkv, sp = u % splits;
       const int64_t s0 = sp * span, n = std::max<int64_t>(0, std::min(span, S - s0));
-      attend_split<T>(qp + q.stride(0) * b + q.stride(1) * h * G, kp + k.stride(0) * b + k.stride(1) * h + k.stride(2) * s0,
+      attend_split<T>(qf.data() + (b * Hq + h * G) * D, G, kp + k.stride(0) * b + k.stride(1) * h + k.stride(2) * s0,
                       vp + v.stride(0) * b + v.stride(1) * h + v.stride(2) * s0, k.stride(2), v.stride(2),
-                      mp + valid.stride(0) * b + s0, n, G, D, qscale, parts[t], scores);
+                      mp + valid.stride(0) * b + s0, n, D, parts[t], scores, buf);
     }
   });
+  // (partial, row) pairs of output row (b, h, g): the shared splits, then the sequence's own.
+  std::vector<std::pair<const Partial*, int64_t>> row_parts;
+  std::vector<float> acc(static_cast<size_t>(D));
   T* op = out.data_ptr<T>();
-  for (int64_t bh = 0; bh < B * Hkv; ++bh) {
-    for (int64_t g = 0; g < G; ++g) {
-      float mx = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp) mx = std::max(mx, parts[bh * splits + sp].m[g]);
-      std::vector<float> acc(static_cast<size_t>(D), 0.0f);
-      float l = 0.0f;
-      for (int64_t sp = 0; sp < splits; ++sp) {
-        const Partial& p = parts[bh * splits + sp];
-        if (p.m[g] == kNegInf) continue;
-        const float w = std::exp2(p.m[g] - mx);
-        l += w * p.l[g];
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * p.o[g * D + d];
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Hkv; ++h) {
+      for (int64_t g = 0; g < G; ++g) {
+        row_parts.clear();
+        for (int64_t sp = 0; sp < splits_s; ++sp) row_parts.emplace_back(&parts[h * splits_s + sp], b * G + g);
+        for (int64_t sp = 0; sp < splits; ++sp) row_parts.emplace_back(&parts[n_shared + (b * Hkv + h) * splits + sp], g);
+        float mx = kNegInf;
+        for (const auto& [p, r] : row_parts) mx = std::max(mx, p->m[r]);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float l = 0.0f;
+        for (const auto& [p, r] : row_parts) {
+          if (p->m[r] == kNegInf) continue;
+          const float w = std::exp2(p->m[r] - mx);
+          l += w * p->l[r];
+          for (int64_t d = 0; d < D; ++d) acc[d] += w * p->o[r * D + d];
+        }
+        T* row = op + ((b * Hkv + h) * G + g) * D;  // out is (B, Hq, 1, D) contiguous; head = h * G + g
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no valid key: zeros, as SDPA's fused kernels
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(acc[d] * inv);
       }
-      T* row = op + (bh * G + g) * D;  // out is (B, Hq, 1, D) contiguous; head = h * G + g
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no valid key: zeros, as SDPA's fused kernels
-      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(acc[d] * inv);
     }
   }
 }
 
+// Mirrors the shared-prefix checks of check_decode_attention_args in mplus_fast/ops/decode.py.
+void check_shared_args(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& ks,
+                       const std::optional<at::Tensor>& vs) {
+  TORCH_CHECK(ks.has_value() == vs.has_value(), "decode_attention: k_shared and v_shared must be given together");
+  if (!ks) return;
+  TORCH_CHECK(ks->dim() == 4 && ks->size(0) == 1 && ks->size(1) == k.size(1) && ks->size(3) == k.size(3) &&
+                  ks->scalar_type() == q.scalar_type(),
+              "decode_attention: k_shared must be (1, Hkv=", k.size(1), ", P, D=", k.size(3), ") of q's dtype, got ",
+              ks->sizes(), " ", ks->scalar_type());
+  TORCH_CHECK(vs->sizes() == ks->sizes() && vs->scalar_type() == ks->scalar_type(),
+              "decode_attention: v_shared must have k_shared's shape ", ks->sizes(), " and dtype, got ", vs->sizes(),
+              " ", vs->scalar_type());
+  TORCH_CHECK(ks->device() == q.device() && vs->device() == q.device(),
+              "decode_attention: k_shared and v_shared must be on q's device");
+}
+
 at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                const at::Tensor& valid_in, double scale) {
+                                const at::Tensor& valid_in, double scale, const std::optional<at::Tensor>& ks_in,
+                                const std::optional<at::Tensor>& vs_in) {
   check_attention_args(q_in, k_in, v_in, valid_in);
+  check_shared_args(q_in, k_in, ks_in, vs_in);
   auto q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   auto k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   auto v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
   auto valid = valid_in.stride(1) == 1 ? valid_in : valid_in.contiguous();
-  // q heads of one kv group are read as G consecutive rows of D: needs q's head stride == D.
-  if (q.size(1) > 1 && q.stride(1) != q.size(3)) q = q.contiguous();
+  at::Tensor ks, vs;
+  if (ks_in) {
+    ks = ks_in->stride(3) == 1 ? *ks_in : ks_in->contiguous();
+    vs = vs_in->stride(3) == 1 ? *vs_in : vs_in->contiguous();
+  }
+  const at::Tensor* ksp = ks.defined() ? &ks : nullptr;
+  const at::Tensor* vsp = vs.defined() ? &vs : nullptr;
   auto out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   switch (q.scalar_type()) {
-    case at::kFloat: decode_attention_kernel<float>(q, k, v, valid, scale, out); break;
-    case at::kBFloat16: decode_attention_kernel<c10::BFloat16>(q, k, v, valid, scale, out); break;
-    case at::kHalf: decode_attention_kernel<c10::Half>(q, k, v, valid, scale, out); break;
+    case at::kFloat: decode_attention_kernel<float>(q, k, v, valid, ksp, vsp, scale, out); break;
+    case at::kBFloat16: decode_attention_kernel<c10::BFloat16>(q, k, v, valid, ksp, vsp, scale, out); break;
+    case at::kHalf: decode_attention_kernel<c10::Half>(q, k, v, valid, ksp, vsp, scale, out); break;
     default: TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
   }
   return out;

@@ -2,9 +2,12 @@
 device and pays off, torch (BLAS / SDPA) elsewhere. One home for every such choice."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from mplus_fast.ops import has_native_kernel
 from mplus_fast.ops.attention import memory_attention, merge_attention_states
 from mplus_fast.ops.decode import decode_attention as decode_attention_op
 from mplus_fast.ops.decode import decode_attention_lse, decode_attention_reference, decode_gemv
@@ -24,13 +27,23 @@ def decode_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def decode_attention(q, k, v, valid, scale: float, shared=None):
     """One query token over the static cache: the native CPU kernel, SDPA (the op's reference,
     one read of each kv head for its query group) elsewhere. With `shared` ((k, v) of a prefix
-    (1, Hkv, P_s, D) every sequence attends besides its own cache): the two parts are attended
-    separately and merged by log-sum-exp (`split_decode_attention`)."""
+    (1, Hkv, P_s, D) every sequence attends besides its own cache): on the CPU the native kernel
+    attends both parts in one pass (each shared row read once for the batch); elsewhere the two
+    parts are attended separately and merged by log-sum-exp (`split_decode_attention`)."""
+    if q.device.type == "cpu" and native_cpu_decode_attention():
+        return decode_attention_op(q, k, v, valid, scale, *(shared or ()))
     if shared is not None:
         return split_decode_attention(q, k, v, valid, *shared, scale)
     if q.device.type == "cpu":
         return decode_attention_op(q, k, v, valid, scale)
     return decode_attention_reference(q, k, v, valid, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def native_cpu_decode_attention() -> bool:
+    """Whether mplus_fast._C's CPU decode_attention is loaded (else the op runs its reference,
+    which copies a shared prefix in front of every sequence: the split path is the better one)."""
+    return has_native_kernel("decode_attention", "cpu")
 
 
 def split_decode_attention(q, k, v, valid, k_shared, v_shared, scale: float):

@@ -10,7 +10,7 @@
 | memory_attention | attention | queries over [prefix rows (gathered, RoPE on load), causal tail], GQA, returns out + lse |
 | merge_attention_states | attention | exact log-sum-exp merge of two partial attentions |
 | decode_gemv | decode | x @ w for the few rows of a decode step, each weight read once (CPU) |
-| decode_attention | decode | one query token over the static decode cache with a validity mask, GQA (CPU) |
+| decode_attention | decode | one query token over the static decode cache with a validity mask (and an optional batch-shared prefix, read once for the batch), GQA (CPU) |
 """
 from mplus_fast.ops._library import build_info, has_native_kernel, load_extension
 

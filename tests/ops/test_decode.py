@@ -74,6 +74,52 @@ def test_attention_parity(B, Hq, Hkv, S, D, dtype):
     _close(decode_attention_reference(q, k, v, valid, scale), truth, dtype, "reference")
 
 
+def _shared_truth(q, k, v, valid, ks, vs, scale):
+    B = q.shape[0]
+    kk, vv = torch.cat([ks.expand(B, -1, -1, -1), k], 2), torch.cat([vs.expand(B, -1, -1, -1), v], 2)
+    return _att_truth(q, kk, vv, torch.cat([valid.new_ones(B, ks.shape[2]), valid], 1), scale)
+
+
+@native_att
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("B,Hq,Hkv,P,S,D", [(1, 1, 1, 1, 1, 8), (1, 16, 4, 2561, 720, 64), (3, 6, 2, 83, 7, 12),
+                                            (2, 8, 8, 7, 300, 32), (4, 32, 8, 989, 600, 128), (5, 4, 1, 600, 16, 16)])
+def test_attention_shared_prefix_parity(B, Hq, Hkv, P, S, D, dtype):
+    """[shared prefix (1, Hkv, P, D), all visible | own cache]: one softmax over both."""
+    q, k, v, valid = _att_inputs(B, Hq, Hkv, S, D, dtype, seed=P + S)
+    g = torch.Generator().manual_seed(P)
+    ks, vs = (torch.randn(1, Hkv, P, D, generator=g).to(dtype) for _ in range(2))
+    scale = D ** -0.5
+    truth = _shared_truth(q, k, v, valid, ks, vs, scale)
+    _close(ATT(q, k, v, valid, scale, ks, vs), truth, dtype, "decode_attention (shared)")
+    _close(decode_attention_reference(q, k, v, valid, scale, ks, vs), truth, dtype, "reference (shared)")
+
+
+@native_att
+def test_attention_shared_prefix_bf16_error_budget():
+    """bf16: the error against a float32 truth within 2x that of the same-precision reference."""
+    q, k, v, valid = _att_inputs(3, 16, 4, 700, 64, torch.bfloat16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    ks, vs = (torch.randn(1, 4, 2561, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    truth = decode_attention_reference(q.float(), k.float(), v.float(), valid, 0.125, ks.float(), vs.float())
+    err = lambda a: float((a.float() - truth).abs().max() / truth.abs().max())
+    same_precision = err(decode_attention_reference(q, k, v, valid, 0.125, ks, vs))
+    assert err(ATT(q, k, v, valid, 0.125, ks, vs)) <= 2 * same_precision
+
+
+@native_att
+def test_attention_shared_prefix_noncontiguous_and_no_own_key():
+    q, k, v, valid = _att_inputs(2, 8, 2, 300, 16, torch.float32)
+    qv = torch.randn(2, 1, 8 * 16).view(2, 1, 8, 16).transpose(1, 2)   # split_heads layout
+    big = torch.randn(3, 2, 500, 16)
+    ks, vs = big[1:2, :, :400], big[2:3, :, 100:]                       # views of a larger buffer
+    valid[1] = False                                                    # sequence 1 sees the prefix only
+    got = ATT(qv, k, v, valid, 0.25, ks, vs)
+    torch.testing.assert_close(got, decode_attention_reference(qv, k, v, valid, 0.25, ks, vs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], decode_attention_reference(qv[1:], ks, vs, torch.ones(1, 400, dtype=torch.bool),
+                                                                   0.25), atol=1e-5, rtol=1e-5)
+
+
 @native_att
 def test_attention_noncontiguous_views():
     q, k, v, valid = _att_inputs(2, 8, 2, 300, 16, torch.float32)
@@ -103,6 +149,8 @@ def test_opcheck():
     torch.library.opcheck(GEMV.default, (torch.randn(2, 33), torch.randn(33, 70)))
     torch.library.opcheck(ATT.default, (*_att_inputs(2, 8, 2, 300, 16, torch.float32), 0.25))
     torch.library.opcheck(ATT.default, (*_att_inputs(1, 4, 4, 30, 8, torch.bfloat16), 0.25))
+    torch.library.opcheck(ATT.default, (*_att_inputs(2, 8, 2, 40, 16, torch.float32), 0.25, torch.randn(1, 2, 70, 16),
+                                        torch.randn(1, 2, 70, 16)))
 
 
 @pytest.mark.parametrize("impl", [pytest.param(GEMV, marks=native_gemv), decode_gemv_reference])
@@ -137,3 +185,18 @@ def test_attention_bad_arguments(impl, change, match):
     a = _bad(change)
     with pytest.raises((ValueError, RuntimeError), match=match):
         impl(a["q"], a["k"], a["v"], a["valid"], 0.25)
+
+
+@pytest.mark.parametrize("impl", [pytest.param(ATT, marks=native_att), decode_attention_reference])
+@pytest.mark.parametrize("ks,vs,match", [
+    (torch.randn(1, 2, 9, 16), None, "given together"),
+    (torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16), r"k_shared must be \(1, Hkv=2"),
+    (torch.randn(1, 4, 9, 16), torch.randn(1, 4, 9, 16), "k_shared must be"),
+    (torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8), "k_shared must be"),
+    (torch.randn(1, 2, 9, 16).bfloat16(), torch.randn(1, 2, 9, 16).bfloat16(), "k_shared must be"),
+    (torch.randn(1, 2, 9, 16), torch.randn(1, 2, 8, 16), "v_shared must have"),
+])
+def test_attention_shared_bad_arguments(impl, ks, vs, match):
+    q, k, v, valid = _att_inputs(2, 8, 2, 30, 16, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        impl(q, k, v, valid, 0.25, ks, vs)
