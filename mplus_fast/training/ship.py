@@ -98,12 +98,11 @@ def table_markdown(table: dict) -> str:
 
 def ship(run: Path, dest: Path, facts: int = 1000, distances=DISTANCES, seed: int = 0) -> dict:
     run, dest = Path(run), Path(dest)
-    final = sorted(p for p in run.glob("*/final") if (p / "config.json").is_file())
-    stages = [l.split('"')[1] for l in (run / "config.toml").read_text().splitlines() if l.strip().startswith("name")]
+    from mplus_fast.training.config import load_config
+    stages = [s.name for s in load_config(run / "config.toml").stages]
     last = run / stages[-1] / "final"
     if not (last / "config.json").is_file():
-        raise FileNotFoundError(f"{run}: the last stage ({stages[-1]}) has no final checkpoint; finish the run first"
-                                f" (found: {[str(p) for p in final]})")
+        raise FileNotFoundError(f"{run}: the last stage ({stages[-1]}) has no final checkpoint; finish the run first")
     tmp = dest.parent / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     flushed = flushed_checkpoint(last, tmp, seed)

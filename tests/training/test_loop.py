@@ -196,3 +196,34 @@ def test_a_retriever_only_stage_changes_the_selectors_and_nothing_else(tmp_path)
         [k for k in frozen if not torch.equal(before[k], after[k])]
     bce = [l["bce"] for l in log_lines(tmp_path / "run") if l.get("stage") == "ret" and "bce" in l]
     assert bce and all(math.isfinite(b) for b in bce)
+
+
+@pytest.mark.slow
+def test_a_finished_run_ships_with_its_retention_table(tmp_path):
+    """`training.ship`: the run's last checkpoint with its memory flushed of training rows (every
+    row of the shipped memory comes from the flush), its files, and a retention table measured
+    on held-out facts that the demo and the tests read."""
+    from mplus_fast.checkpoint import load_checkpoint
+    from mplus_fast.training.ship import injections_kept, ship
+    run = tmp_path / "run"
+    train(config(2), out=run, show=False)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.toml").write_text((run / "config.toml").read_text())
+    with pytest.raises(FileNotFoundError, match="no final checkpoint"):
+        ship(unfinished, tmp_path / "x")
+    table = ship(run, tmp_path / "models" / "tiny", facts=3, distances=(0, 1))
+    dest = tmp_path / "models" / "tiny"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train-config.toml", "train-log.jsonl",
+                 "retention.json", "retention.md"):
+        assert (dest / name).is_file(), name
+    assert json.loads((dest / "retention.json").read_text())["mplus"] == table["mplus"] and set(table["mplus"]) == {"0", "1"}
+    assert "| M+ |" in (dest / "retention.md").read_text()
+    config_, tensors = load_checkpoint(dest)
+    trained = int(read_tensors(run / "one" / "final")["mplus_fast.next_injection_id"])
+    assert int(tensors["mplus_fast.next_injection_id"]) == trained + injections_kept(config_) + 1
+    provenance = [k for k in tensors if k.startswith("mplus_fast.") and "provenance" in k]
+    assert "mplus_fast.stm_provenance" in provenance
+    for key in provenance:        # the flush's ids start at `trained`: no row written in training is left
+        p = tensors[key]          # (-1: a row of the initial memory, never written)
+        assert not bool(((p >= 0) & (p < trained)).any()), (key, p)
