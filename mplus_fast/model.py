@@ -365,7 +365,7 @@ class MPlus:
     @serialised(nestable=True)
     def memory_stats(self) -> dict:
         """Sizes and bytes of the memory (cheap: no snapshot of the state is made)."""
-        c, st = self.config, self.backend.counts()
+        c, st = self.config, self.memory_counts()
         stats = {
             "architecture": c.architecture,
             "backend": self.backend_name,

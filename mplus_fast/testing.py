@@ -177,3 +177,23 @@ def _random_state(config: MPlusConfig, g: torch.Generator, weight_std: float, **
         t[f"ltm_ages.{i}"] = torch.zeros(0, device=factory["device"])
         t[f"ltm_recall_frequencies.{i}"] = torch.zeros(0, device=factory["device"])
     return t
+
+
+def memory_state(stm: torch.Tensor, stm_ages: torch.Tensor, ltm_layers) -> "MemoryState":
+    """A reference-layout memory from given parts: `ltm_layers` = per layer (rows, keys, ages,
+    recall frequencies); every row of unknown provenance (-1) and the pending buffers empty.
+    (Tests of the update and the store build their states with it, each drawing its own values.)"""
+    from mplus_fast.memory import MemoryState
+    L, N, d = stm.shape
+    st = MemoryState(stm=stm, stm_ages=stm_ages, stm_prov=torch.full((L, N), -1))
+    for rows, keys, ages, rf in ltm_layers:
+        st.ltm.append(rows)
+        st.ltm_keys.append(keys)
+        st.ltm_ages.append(ages)
+        st.ltm_rf.append(rf)
+        st.ltm_prov.append(torch.full((rows.shape[0],), -1))
+        st.pend.append(torch.zeros(0, d))
+        st.pend_keys.append(torch.zeros(0, keys.shape[1]))
+        st.pend_ages.append(torch.zeros(0, dtype=torch.int64))
+        st.pend_prov.append(torch.zeros(0, dtype=torch.int64))
+    return st

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from mplus_fast.config import MPlusConfig
 from mplus_fast.memory import MemoryState, apply_update, merge_pending
-from mplus_fast.testing import TINY_MPLUS, _config_dict
+from mplus_fast.testing import TINY_MPLUS, _config_dict, memory_state
 
 
 def make_config(**over) -> MPlusConfig:
@@ -16,19 +16,10 @@ def make_config(**over) -> MPlusConfig:
 def make_state(cfg: MPlusConfig, ltm: int, seed: int) -> MemoryState:
     g = torch.Generator().manual_seed(seed)
     L, N, d, s = cfg.num_hidden_layers, cfg.stm_size, cfg.hidden_size, cfg.selector_hidden_dim
-    st_ = MemoryState(stm=torch.randn(L, N, d, generator=g), stm_ages=torch.zeros(L, N, dtype=torch.long),
-                      stm_prov=torch.full((L, N), -1))
-    for _ in range(L):
-        st_.ltm.append(torch.randn(ltm, d, generator=g))
-        st_.ltm_keys.append(torch.randn(ltm, s, generator=g))
-        st_.ltm_ages.append(torch.randint(0, 50, (ltm,), generator=g))
-        st_.ltm_rf.append(torch.zeros(ltm, dtype=torch.float64))
-        st_.ltm_prov.append(torch.full((ltm,), -1))
-        st_.pend.append(torch.zeros(0, d))
-        st_.pend_keys.append(torch.zeros(0, s))
-        st_.pend_ages.append(torch.zeros(0, dtype=torch.long))
-        st_.pend_prov.append(torch.zeros(0, dtype=torch.long))
-    return st_
+    return memory_state(torch.randn(L, N, d, generator=g), torch.zeros(L, N, dtype=torch.long),
+                        [(torch.randn(ltm, d, generator=g), torch.randn(ltm, s, generator=g),
+                          torch.randint(0, 50, (ltm,), generator=g), torch.zeros(ltm, dtype=torch.float64))
+                         for _ in range(L)])
 
 
 def fake_keys(l: int, rows: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from mplus_fast.config import MPlusConfig
 from mplus_fast.memory import MemoryState
 from mplus_fast.ops.insertion import drop_and_concat_reference
 from mplus_fast.store import HandedOverState, MemoryStore, NoDerived, SlottedSTM, base_layout, update
-from mplus_fast.testing import _config_dict
+from mplus_fast.testing import _config_dict, memory_state
 
 CFG = MPlusConfig.from_dict(_config_dict(dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                               num_key_value_heads=1, head_dim=4, intermediate_size=16, vocab_size=32,
@@ -22,19 +22,9 @@ CFG = MPlusConfig.from_dict(_config_dict(dict(hidden_size=8, num_hidden_layers=2
 def small_state(cfg=CFG, ltm=4, seed=0) -> MemoryState:
     g = torch.Generator().manual_seed(seed)
     L, N, d, s = cfg.num_hidden_layers, cfg.stm_size, cfg.hidden_size, cfg.selector_hidden_dim
-    st = MemoryState(stm=torch.randn(L, N, d, generator=g), stm_ages=torch.arange(N).repeat(L, 1),
-                     stm_prov=torch.full((L, N), -1))
-    for _ in range(L):
-        st.ltm.append(torch.randn(ltm, d, generator=g))
-        st.ltm_keys.append(torch.randn(ltm, s, generator=g))
-        st.ltm_ages.append(torch.arange(ltm))
-        st.ltm_rf.append(torch.full((ltm,), 2.0, dtype=torch.float64))
-        st.ltm_prov.append(torch.full((ltm,), -1))
-        st.pend.append(torch.zeros(0, d))
-        st.pend_keys.append(torch.zeros(0, s))
-        st.pend_ages.append(torch.zeros(0, dtype=torch.int64))
-        st.pend_prov.append(torch.zeros(0, dtype=torch.int64))
-    return st
+    return memory_state(torch.randn(L, N, d, generator=g), torch.arange(N).repeat(L, 1),
+                        [(torch.randn(ltm, d, generator=g), torch.randn(ltm, s, generator=g), torch.arange(ltm),
+                          torch.full((ltm,), 2.0, dtype=torch.float64)) for _ in range(L)])
 
 
 def key_fn(l, rows):

@@ -61,7 +61,9 @@ def retention_table(folder: Path, facts: int, distances=DISTANCES, seed: int = 0
     from mplus_fast.eval.tokenizer import load_tokenizer
     from mplus_fast.qa import read_jsonl
     from mplus_fast.training.facts import write_held_out
-    work = Path(work or tempfile.mkdtemp(prefix="mplus-ship-"))
+    if work is None:                  # the held-out file and the eval's run folder are scratch
+        with tempfile.TemporaryDirectory(prefix="mplus-ship-") as scratch:
+            return retention_table(folder, facts, distances, seed, Path(scratch))
     data = write_held_out(work / "held-out.jsonl", folder, n=facts, distractors=max(distances), seed=seed)
     source = session.ModelSource.from_pretrained(folder, backend="fast", seed=seed)
     settings = retention.Settings(distances=tuple(distances), modes=("mplus", "stm"), max_new_tokens=8)
