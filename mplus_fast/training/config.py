@@ -116,6 +116,10 @@ class Stage:
                                       # the attention lookup at a batch that learns; docs/training.md)
     in_context_episode: bool = False  # in_context: every question read after ALL the episode's contexts, so
                                       # it must pick its fact out of `injections` (binding)
+    fresh_memory: bool = False        # every episode starts from a memory of prose only (the memory filled with
+                                      # training passages, as `ship` flushes it): the episode's fact is the
+                                      # only one in the memory, as in the retention evaluation
+    fresh_memory_every: int = 50      # steps between refills of that prose memory (its rows follow the writer)
     trainable: list[str] | None = None  # weight groups this stage trains (default: model.trainable); e.g.
                                       # ["retriever"]: f_q/f_k alone, on forward passes only (cheap)
 
@@ -134,6 +138,11 @@ class Stage:
                      "random_tokens"):
             need(getattr(self, name) >= 0, name, "must not be negative")
         need(0 <= self.retrieve <= 1, "retrieve", "must be a share between 0 and 1")
+        need(self.fresh_memory_every >= 1, "fresh_memory_every", "must be at least 1")
+        if self.fresh_memory:
+            need(not self.recall_questions, "recall_questions",
+                 "must be 0 when fresh_memory is on (earlier steps' facts are not in a fresh memory)")
+            need(not self.in_context, "in_context", "must be off when fresh_memory is on (nothing would be written)")
         if self.in_context:
             need(self.facts >= 1, "facts", "must be at least 1 when in_context is on (only questions are read)")
             need(self.qa_weight > 0, "qa_weight", "must be positive when in_context is on (only questions are read)")

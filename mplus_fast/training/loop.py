@@ -38,6 +38,7 @@ from mplus_fast.training import objectives as obj
 from mplus_fast.training.config import Stage, TrainConfig
 from mplus_fast.training.data import Episode, Ledger, ask_row, text_row
 from mplus_fast.training.setup import Setup, build_model, prepare
+from mplus_fast.training.ship import injections_kept
 from mplus_fast.training.trainable import TARGETS, TrainableMPlus
 
 TRAINER_STATE = "trainer.json"      # step, stage, data RNG, ledger, optimizer hyper-parameters
@@ -131,6 +132,7 @@ class StageRun:
         self.rng = random.Random(cfg.seed * 1000 + index)
         self.ledger = Ledger()
         self.step = 0
+        self.prose_memory, self.prose_memory_step = None, -1   # fresh_memory: the memory each episode starts from
         if trainer is not None:
             self.opt.load_state_dict(trainer["optimizer"])
             self.rng.setstate(trainer["rng"])
@@ -159,6 +161,8 @@ class StageRun:
         """Write one episode and read its rows: (loss, tokens processed)."""
         st, tm, rng = self.stage, self.tm, self.rng
         tm.detach_memory()
+        if st.fresh_memory:
+            self.start_from_prose_memory()
         ep = self.setup.source.episode(rng, st.injections, st.facts, st.continuation_tokens if st.continuation_weight else 0,
                                        random_distractors=st.distractors == "random", random_tokens=st.random_tokens,
                                        facts_per_injection=st.facts_per_injection)
@@ -224,6 +228,22 @@ class StageRun:
             if count:
                 meter.add("recall", rec, count)
         return loss, tokens
+
+    def start_from_prose_memory(self) -> None:
+        """`fresh_memory`: make the memory one of prose only — training passages injected (no
+        graph) until no older row is left, as `ship` flushes a model — refilled every
+        `fresh_memory_every` steps so its rows follow the writer. The generator that draws the
+        memory drops keeps running (restoring a snapshot would rewind it)."""
+        model = self.tm.model
+        if self.prose_memory is None or self.step - self.prose_memory_step >= self.stage.fresh_memory_every:
+            for _ in range(injections_kept(model.config) + 1):
+                passage = self.setup.source.episode(self.rng, 1, 0, 0).injections[0]
+                with torch.no_grad():
+                    self.tm.write(self.tm.inject(torch.tensor(passage, dtype=torch.int64), grad=False))
+            self.prose_memory, self.prose_memory_step = model.snapshot(), self.step
+        generator = model.generator.get_state()
+        model.restore(self.prose_memory)
+        model.generator.set_state(generator)
 
     def in_context_loss(self, ep: Episode, meter: Meter) -> tuple[torch.Tensor, int]:
         """The `in_context` stage: every question read with its fact's context before it in the

@@ -227,3 +227,47 @@ def test_a_finished_run_ships_with_its_retention_table(tmp_path):
     for key in provenance:        # the flush's ids start at `trained`: no row written in training is left
         p = tensors[key]          # (-1: a row of the initial memory, never written)
         assert not bool(((p >= 0) & (p < trained)).any()), (key, p)
+
+
+def test_a_fresh_memory_stage_starts_every_episode_from_prose_only(tmp_path, monkeypatch):
+    """`fresh_memory`: every episode starts from one prose-only memory (refilled every
+    `fresh_memory_every` steps), so the episode's fact is the only fact in the memory, as in
+    the retention evaluation; the memory drops still follow a running generator."""
+    import tomllib
+
+    from mplus_fast.training import loop
+    second = ('\n[[stage]]\nname = "fresh"\nsteps = 3\naccumulate = 2\ninjections = 3\nfacts = 1\nretrieve = 1.0\n'
+              'retriever_weight = 1.0\nfresh_memory = true\nfresh_memory_every = 2\n')
+    text = MICRO.format(steps=2, seed=0) + second
+    starts, generators = [], []           # per episode: (the stage step, the memory it started from)
+    real = loop.StageRun.start_from_prose_memory
+
+    def spy(self):
+        real(self)
+        if self.stage.name == "fresh":
+            state = self.tm.state
+            starts.append((self.step, self.prose_memory_step, state.next_injection_id,
+                           torch.cat([state.ltm[0], state.pend[0]]).clone()))
+            generators.append(self.tm.model.generator.get_state())
+    monkeypatch.setattr(loop.StageRun, "start_from_prose_memory", spy)
+    train(parse_config(tomllib.loads(text), None, text), out=tmp_path / "run", show=False)
+    assert [(s, filled) for s, filled, *_ in starts] == [(0, 0), (0, 0), (1, 0), (1, 0), (2, 2), (2, 2)]
+    for (_, filled_a, next_a, bank_a), (_, filled_b, next_b, bank_b) in zip(starts, starts[1:]):
+        if filled_a == filled_b:          # the same prose memory, not the previous episode's
+            assert next_a == next_b and torch.equal(bank_a, bank_b)
+    assert not torch.equal(starts[0][3], starts[-1][3]), "the prose memory was never refilled"
+    assert all(not torch.equal(a, b) for a, b in zip(generators, generators[1:])), "the drop generator was rewound"
+    # the questions' facts: one per episode, written after the prose (provenance ids past the fill)
+    lines = [l for l in log_lines(tmp_path / "run") if l.get("stage") == "fresh" and "loss" in l]
+    assert lines and all(math.isfinite(l["loss"]) for l in lines)
+
+
+@pytest.mark.parametrize("field,value", [("recall_questions", 2), ("in_context", True)])
+def test_fresh_memory_refuses_what_a_fresh_memory_cannot_hold(field, value):
+    import tomllib
+
+    from mplus_fast.training.config import TrainConfigError
+    extra = f"fresh_memory = true\n{field} = {str(value).lower()}\n" + ("max_distance = 8\n" if field == "recall_questions" else "")
+    text = MICRO.format(steps=2, seed=0).replace("recall_questions = 2\nmax_distance = 8\n", "") + extra
+    with pytest.raises(TrainConfigError, match=field):
+        parse_config(tomllib.loads(text), None, text)
