@@ -40,7 +40,7 @@ def ckpt(tmp_path):
 
 
 def test_demo_small_runs_and_reports(run, tmp_path):
-    r = run("demo", "--chunks", 9, "--new-tokens", 4, "--table-every", 3)
+    r = run("demo", "--random", "--chunks", 9, "--new-tokens", 4, "--table-every", 3)
     assert r.exit_code == 0, r.output
     out = r.output
     assert "RANDOM" in out  # the random-weights panel is shown
@@ -53,7 +53,7 @@ def test_demo_small_runs_and_reports(run, tmp_path):
     assert re.search(r"│\s+8 │\s+160 │\s+16 │\s+\d+ │\s+2 │", out), out
     cached = list((tmp_path / "cache").glob("demo-*"))
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
-    r2 = run("demo", "--chunks", 2, "--new-tokens", 2)  # second run re-uses the cache
+    r2 = run("demo", "--random", "--chunks", 2, "--new-tokens", 2)  # second run re-uses the cache
     assert r2.exit_code == 0 and "(cached)" in r2.output
 
 

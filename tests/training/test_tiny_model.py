@@ -68,3 +68,20 @@ def test_accuracy_at_distance_32_on_held_out_facts():
         hits += normalise(codec.decode(out[0, q.shape[1]:])) == normalise(r.answer)
     expected = table()["mplus"]["32"]
     assert hits / len(records) >= expected - MARGIN, f"M+ at D=32: {hits / len(records):.1%}, table {expected:.1%}"
+
+
+def test_the_demo_runs_the_shipped_model_by_default(tmp_path, monkeypatch):
+    """`mplus-fast demo` without --random: held-out facts, STM-only vs M+ answers with
+    provenance, the retention table and its plot."""
+    from typer.testing import CliRunner
+
+    from mplus_fast.cli import app
+    monkeypatch.setenv("COLUMNS", "200")
+    plot = tmp_path / "retention.png"
+    r = CliRunner().invoke(app, ["demo", "--facts", "2", "--plot", str(plot)])
+    assert r.exit_code == 0, r.output
+    assert "RANDOM" not in r.output and "STM only" in r.output and "M+" in r.output
+    assert "the fact" in r.output                     # provenance of M+'s retrieved rows
+    assert "Retention by distance" in r.output
+    pytest.importorskip("matplotlib")
+    assert plot.is_file() and plot.stat().st_size > 0
