@@ -38,7 +38,7 @@ from mplus_fast.training import objectives as obj
 from mplus_fast.training.config import Stage, TrainConfig
 from mplus_fast.training.data import Episode, Ledger, ask_row, text_row
 from mplus_fast.training.setup import Setup, build_model, prepare
-from mplus_fast.training.ship import injections_kept
+from mplus_fast.training.ship import flush_memory
 from mplus_fast.training.trainable import TARGETS, TrainableMPlus
 
 TRAINER_STATE = "trainer.json"      # step, stage, data RNG, ledger, optimizer hyper-parameters
@@ -236,10 +236,7 @@ class StageRun:
         memory drops keeps running (restoring a snapshot would rewind it)."""
         model = self.tm.model
         if self.prose_memory is None or self.step - self.prose_memory_step >= self.stage.fresh_memory_every:
-            for _ in range(injections_kept(model.config) + 1):
-                passage = self.setup.source.episode(self.rng, 1, 0, 0).injections[0]
-                with torch.no_grad():
-                    self.tm.write(self.tm.inject(torch.tensor(passage, dtype=torch.int64), grad=False))
+            flush_memory(model, lambda: self.setup.source.episode(self.rng, 1, 0, 0).injections[0])
             self.prose_memory, self.prose_memory_step = model.snapshot(), self.step
         generator = model.generator.get_state()
         model.restore(self.prose_memory)

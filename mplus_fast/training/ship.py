@@ -18,11 +18,14 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mplus_fast.checkpoint import load_checkpoint
+from mplus_fast.inputs import ShortInjectionWarning
 from mplus_fast.model import MPlus
 
 DISTANCES = (0, 8, 32, 64)
@@ -33,6 +36,19 @@ def injections_kept(config) -> int:
     stm = config.stm_size // config.num_tokens
     ltm = config.initial_rf_when_moving_stm_to_ltm * config.update_ltm_frequency if config.is_mplus else 0
     return stm + config.update_ltm_frequency + ltm
+
+
+def flush_memory(model, passage: Callable[[], list[int]]) -> int:
+    """Inject passages drawn by `passage()` (token ids; no graph) until no row older than them is
+    left in the model's memory; returns how many were injected. Used by `ship` and by training's
+    `fresh_memory` stages. The passages are prose cut at sentence ends, often under T tokens, so
+    the short-injection warning is expected here and not shown."""
+    n = injections_kept(model.config) + 1
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShortInjectionWarning)
+        for _ in range(n):
+            model.inject_memory(torch.tensor(passage(), dtype=torch.int64), update_memory=True)
+    return n
 
 
 def flushed_checkpoint(final: Path, dest: Path, seed: int = 0) -> int:
@@ -46,10 +62,7 @@ def flushed_checkpoint(final: Path, dest: Path, seed: int = 0) -> int:
     model = MPlus(config, tensors, backend="reference", seed=seed)
     source = FactSource(Prose(load_books(), codec.count, "train"), "train", config.num_tokens)
     rng = random.Random(seed)
-    n = injections_kept(config) + 1
-    with torch.no_grad():
-        for _ in range(n):
-            model.inject_memory(torch.tensor(codec.encode(source.distractor(rng)[0])), update_memory=True)
+    n = flush_memory(model, lambda: codec.encode(source.distractor(rng)[0]))
     model.save_pretrained(dest)
     shutil.copyfile(final / "tokenizer.json", dest / "tokenizer.json")
     return n

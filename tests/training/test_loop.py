@@ -257,7 +257,6 @@ def test_a_fresh_memory_stage_starts_every_episode_from_prose_only(tmp_path, mon
             assert next_a == next_b and torch.equal(bank_a, bank_b)
     assert not torch.equal(starts[0][3], starts[-1][3]), "the prose memory was never refilled"
     assert all(not torch.equal(a, b) for a, b in zip(generators, generators[1:])), "the drop generator was rewound"
-    # the questions' facts: one per episode, written after the prose (provenance ids past the fill)
     lines = [l for l in log_lines(tmp_path / "run") if l.get("stage") == "fresh" and "loss" in l]
     assert lines and all(math.isfinite(l["loss"]) for l in lines)
 
