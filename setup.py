@@ -16,8 +16,25 @@ import os
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
+PLUGIN_PTH = "mplus_fast_lm_eval_plugin.pth"   # makes `lm_eval --model mplus_fast` work (that module's docstring)
+
+
+class build_py_with_pth(build_py):
+    """Also puts the lm-eval plugin's .pth at the top of what is installed (site-packages): in
+    build_lib for a wheel, in the editable wheel's own tree (`install_lib`) for `pip install -e`,
+    whose build_lib is not installed."""
+
+    def run(self):
+        super().run()
+        top = self.get_finalized_command("install").install_lib if self.editable_mode else self.build_lib
+        os.makedirs(top, exist_ok=True)
+        self.copy_file(str(ROOT / PLUGIN_PTH), os.path.join(top, PLUGIN_PTH))
+
+    def get_outputs(self, include_bytecode=True):
+        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PLUGIN_PTH)]
 
 
 def read_sources() -> dict[str, list[str]]:
@@ -61,7 +78,7 @@ def write_build_info(ext: bool, cuda: bool, torch_version: str | None) -> None:
 def extension_setup() -> dict:
     if os.environ.get("MPLUS_FAST_BUILD_EXT", "1").lower() in ("0", "off", "false"):
         write_build_info(False, False, None)
-        return {}
+        return {"cmdclass": {"build_py": build_py_with_pth}}
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -85,7 +102,8 @@ def extension_setup() -> dict:
     else:
         ext = CppExtension(sources=sources["cpp"], extra_compile_args={"cxx": cxx}, **common)
     write_build_info(True, cuda, torch.__version__)
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True),
+                                          "build_py": build_py_with_pth}}
 
 
 setup(**extension_setup())

@@ -137,15 +137,45 @@ def test_simple_evaluate_on_tiny_local_tasks(fact_ckpt, task_dir):
     assert 1.0 < ppl < float("inf")
 
 
-def test_lm_eval_command_line_runs_the_model(fact_ckpt, task_dir, tmp_path):
+COMMAND_LINES = {"lm_eval": [sys.executable, "-m", "lm_eval"],           # the harness's own, via the plugin
+                 "mplus-fast eval harness": [sys.executable, "-m", "mplus_fast.cli", "eval", "harness"]}
+
+
+@pytest.mark.parametrize("command", COMMAND_LINES)
+def test_lm_eval_command_line_runs_the_model(fact_ckpt, task_dir, tmp_path, command):
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "mplus_fast.cli", "eval", "harness", "--model", "mplus_fast",
+    run = subprocess.run([*COMMAND_LINES[command], "--model", "mplus_fast",
                           "--model_args", f"pretrained={fact_ckpt},threads=1", "--tasks", "tiny_mc",
                           "--include_path", str(task_dir), "--output_path", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     results = list(out.rglob("results_*.json"))
     assert results and "tiny_mc" in json.loads(results[0].read_text())["results"]
+
+
+def _fresh_python(code: str) -> str:
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip()
+
+
+def test_the_plugin_registers_lazily_in_a_process_that_never_imported_mplus_fast():
+    # What `lm_eval --model mplus_fast` does: lm-eval fills its registry, then looks the name up.
+    out = _fresh_python("import sys\n"
+                        "from lm_eval.api.registry import get_model, model_registry\n"
+                        "import lm_eval.models\n"
+                        "print('mplus_fast' in model_registry, 'torch' in sys.modules, 'mplus_fast' in sys.modules)\n"
+                        "cls = get_model('mplus_fast')\n"
+                        "print(cls.__module__, cls.__name__, get_model('dummy').__name__)")
+    registered, lines = out.splitlines()[-2], out.splitlines()[-1]
+    assert registered == "True False False"        # registered, nothing heavy imported yet
+    assert lines == "mplus_fast.eval.harness MPlusLM DummyLM"
+
+
+def test_the_plugin_leaves_other_processes_alone():
+    out = _fresh_python("import sys; print('lm_eval' in sys.modules, 'torch' in sys.modules, "
+                        "'mplus_fast_lm_eval_plugin' in sys.modules)")
+    assert out == "False False True"               # loaded at start-up (the .pth), nothing imported by it
 
 
 def test_registered_beside_the_harness_own_models():
