@@ -202,7 +202,11 @@ class StageRun:
         batch = obj.make_batch(rows, self.setup.pad_id)
         inputs: dict[int, torch.Tensor] = {}
         observe = (lambda l, x: inputs.__setitem__(l, x)) if st.retriever_weight else None
+        undo_ages = tm.reage_rows({written[i] for i in ep.fact_injections}, rng.random()) \
+            if retrieve and st.random_fact_age else None
         res = tm.read(batch.ids, batch.valid, retrieve=retrieve, query_mask=batch.query_mask, observe=observe)
+        if undo_ages is not None:
+            undo_ages()
         tokens += int(batch.valid.sum())
         loss = res.logits.sum() * 0.0
         for kind, weight in (("qa", st.qa_weight), ("repeat", st.repeat_weight), ("continuation", st.continuation_weight)):

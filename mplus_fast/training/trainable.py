@@ -145,6 +145,36 @@ class TrainableMPlus:
     def next_injection_id(self) -> int:
         return self.state.next_injection_id
 
+    def reage_rows(self, injections, quantile: float):
+        """Give the retrievable rows ([LTM; pending]) written by `injections` ages at the
+        `quantile` of the other retrievable rows' ages, per layer, their own order kept (one
+        shift per layer). Ages only order the retrieved rows (SPEC §4, oldest first), so this
+        moves the rows inside the retrieved block and nowhere else. Returns the undo."""
+        with torch.inference_mode():         # ages carry no graph; a memory written by inject_memory holds inference tensors
+            return self._reage_rows(injections, quantile)
+
+    def _reage_rows(self, injections, quantile: float):
+        want = torch.tensor(sorted(injections), dtype=torch.int64)
+        saved = []
+        for ltm, pend in zip(self.backend.store.ltm, self.backend.store.pend):
+            ages = [ltm.live("ages"), pend.live("ages")]
+            mine = [torch.isin(b.live("prov"), want.to(a.device)) for b, a in zip((ltm, pend), ages)]
+            own = torch.cat([a[m] for a, m in zip(ages, mine)])
+            rest = torch.cat([a[~m] for a, m in zip(ages, mine)])
+            if not own.numel() or not rest.numel():
+                continue
+            shift = int(torch.quantile(rest.double(), quantile).round()) - int(own.min())
+            for a, m in zip(ages, mine):
+                if bool(m.any()):
+                    saved.append((a, m, a[m].clone()))
+                    a[m] += shift
+
+        def undo() -> None:
+            with torch.inference_mode():
+                for a, m, old in saved:
+                    a[m] = old
+        return undo
+
 
 # ---------------------------------------------------------------------- a model from scratch
 def fresh_tensors(config: MPlusConfig, seed: int, init_std: float = 0.02) -> dict[str, torch.Tensor]:

@@ -270,3 +270,57 @@ def test_fresh_memory_refuses_what_a_fresh_memory_cannot_hold(field, value):
     text = MICRO.format(steps=2, seed=0).replace("recall_questions = 2\nmax_distance = 8\n", "") + extra
     with pytest.raises(TrainConfigError, match=field):
         parse_config(tomllib.loads(text), None, text)
+
+
+def test_reage_rows_moves_a_fact_inside_the_retrieved_block_and_undoes(tmp_path):
+    """`random_fact_age`'s tool: the rows of chosen injections take an age among the other
+    retrievable rows' (quantile 1: the oldest, so they come first in the retrieved block, SPEC
+    §4; quantile 0: the youngest, last); the undo puts every age back."""
+    from mplus_fast.testing import make_random_checkpoint
+    from mplus_fast.training.trainable import TrainableMPlus
+    ckpt = make_random_checkpoint(tmp_path / "m", hidden_size=32, num_hidden_layers=2, num_tokens=4, num_blocks=3,
+                                  num_ltm_blocks=1, ltm_initial_size=0, update_ltm_frequency=1, vocab_size=64)
+    model = mplus_fast.load(ckpt, backend="reference", seed=0)
+    tm = TrainableMPlus(model, ("adapters",))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        model.inject_memory(torch.randint(3, 64, (1, 4), generator=g), update_memory=True)
+    fact = 1                                             # an old injection, all its rows in [LTM; pending]
+    before = [(b.live("ages").clone(), p.live("ages").clone()) for b, p in zip(model.backend.store.ltm, model.backend.store.pend)]
+    query = torch.randint(3, 64, (1, 5), generator=g)
+
+    def placement(quantile):
+        undo = tm.reage_rows({fact}, quantile)
+        st = tm.state
+        for l in range(len(st.ltm)):
+            ages, prov = torch.cat([st.ltm_ages[l], st.pend_ages[l]]), torch.cat([st.ltm_prov[l], st.pend_prov[l]])
+            own, rest = ages[prov == fact], ages[prov != fact]
+            assert own.numel() and rest.numel()
+            assert (own.min() >= rest.max()) if quantile == 1.0 else (own.min() == rest.min())
+        out = model(query, retrieve=True)
+        undo()
+        return [p[0].tolist() for p in out.ltm_provenance]
+
+    for quantile in (1.0, 0.0):
+        for prov in placement(quantile):
+            if fact in prov:                             # where the fact was retrieved: first, or after the rest
+                first = prov.index(fact)
+                assert (first == 0) if quantile == 1.0 else all(p == fact for p in prov[first:])
+    after = [(b.live("ages"), p.live("ages")) for b, p in zip(model.backend.store.ltm, model.backend.store.pend)]
+    assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(before, after))
+
+
+def test_a_random_fact_age_stage_trains_and_is_refused_where_nothing_is_retrieved(tmp_path):
+    import tomllib
+
+    from mplus_fast.training.config import TrainConfigError
+    stage = ('\n[[stage]]\nname = "aged"\nsteps = 2\naccumulate = 2\ninjections = 3\nfacts = 1\nretrieve = 1.0\n'
+             'retriever_weight = 1.0\nfresh_memory = true\nrandom_fact_age = true\n')
+    text = MICRO.format(steps=1, seed=0) + stage
+    train(parse_config(tomllib.loads(text), None, text), out=tmp_path / "run", show=False)
+    lines = [l for l in log_lines(tmp_path / "run") if l.get("stage") == "aged" and "loss" in l]
+    assert lines and all(math.isfinite(l["loss"]) for l in lines)
+    for bad in ("retrieve = 0.0\nrandom_fact_age = true\n", "random_fact_age = true\nin_context = true\n"):
+        text = MICRO.format(steps=2, seed=0).replace("retrieve = 0.5\n", "") + bad
+        with pytest.raises(TrainConfigError, match="retrieve|in_context"):
+            parse_config(tomllib.loads(text), None, text)
