@@ -120,7 +120,7 @@ class Stage:
                                       # training passages, as `ship` flushes it): the episode's fact is the
                                       # only one in the memory, as in the retention evaluation
     fresh_memory_every: int = 50      # steps between refills of that prose memory (its rows follow the writer)
-    random_fact_age: bool = False     # before a retrieving read, the rows of the episode's facts take an age drawn
+    random_fact_age: float = 0.0      # share of retrieving reads before which the rows of the episode's facts take an age drawn
                                       # among the other retrievable rows' (docs/training.md): where they land in
                                       # the retrieved block (oldest first) then no longer tells the reader which
                                       # rows hold the fact, as at evaluation, where rows injected later are younger
@@ -147,6 +147,7 @@ class Stage:
             need(not self.recall_questions, "recall_questions",
                  "must be 0 when fresh_memory is on (earlier steps' facts are not in a fresh memory)")
             need(not self.in_context, "in_context", "must be off when fresh_memory is on (nothing would be written)")
+        need(0 <= self.random_fact_age <= 1, "random_fact_age", "must be a share between 0 and 1")
         if self.random_fact_age:
             need(self.retrieve > 0, "retrieve", "must be positive when random_fact_age is on (only retrieving reads use ages)")
             need(not self.in_context, "in_context", "must be off when random_fact_age is on (nothing is retrieved)")

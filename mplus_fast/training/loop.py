@@ -203,7 +203,7 @@ class StageRun:
         inputs: dict[int, torch.Tensor] = {}
         observe = (lambda l, x: inputs.__setitem__(l, x)) if st.retriever_weight else None
         undo_ages = tm.reage_rows({written[i] for i in ep.fact_injections}, rng.random()) \
-            if retrieve and st.random_fact_age else None
+            if retrieve and st.random_fact_age and rng.random() < st.random_fact_age else None
         res = tm.read(batch.ids, batch.valid, retrieve=retrieve, query_mask=batch.query_mask, observe=observe)
         if undo_ages is not None:
             undo_ages()

@@ -315,12 +315,12 @@ def test_a_random_fact_age_stage_trains_and_is_refused_where_nothing_is_retrieve
 
     from mplus_fast.training.config import TrainConfigError
     stage = ('\n[[stage]]\nname = "aged"\nsteps = 2\naccumulate = 2\ninjections = 3\nfacts = 1\nretrieve = 1.0\n'
-             'retriever_weight = 1.0\nfresh_memory = true\nrandom_fact_age = true\n')
+             'retriever_weight = 1.0\nfresh_memory = true\nrandom_fact_age = 1.0\n')
     text = MICRO.format(steps=1, seed=0) + stage
     train(parse_config(tomllib.loads(text), None, text), out=tmp_path / "run", show=False)
     lines = [l for l in log_lines(tmp_path / "run") if l.get("stage") == "aged" and "loss" in l]
     assert lines and all(math.isfinite(l["loss"]) for l in lines)
-    for bad in ("retrieve = 0.0\nrandom_fact_age = true\n", "random_fact_age = true\nin_context = true\n"):
+    for bad in ("retrieve = 0.0\nrandom_fact_age = 1.0\n", "random_fact_age = 1.0\nin_context = true\n"):
         text = MICRO.format(steps=2, seed=0).replace("retrieve = 0.5\n", "") + bad
         with pytest.raises(TrainConfigError, match="retrieve|in_context"):
             parse_config(tomllib.loads(text), None, text)
