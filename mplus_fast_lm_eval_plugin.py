@@ -7,8 +7,8 @@ which calls `install()` here. That costs one tiny module (standard library only:
 lm_eval) and a finder on `sys.meta_path` that waits for `lm_eval.models`: the moment lm-eval
 imports its model table, `mplus_fast` is added to the registry as a lazy entry
 ("mplus_fast.eval.harness:MPlusLM"), so torch and the adapter are imported only when a run asks
-for the model. A process that never imports lm_eval is not touched. Any failure here is
-swallowed: a plugin must never break an interpreter's start or lm-eval itself.
+for the model. A process that never imports lm_eval is not touched. A failure of the plugin's own
+work is swallowed: it must never break an interpreter's start or lm-eval itself.
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ class _RegisterAfterLoad:
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
+
+    def __getattr__(self, name):                   # is_package, get_code, get_resource_reader, ...: the real loader's
+        return getattr(self.loader, name)
 
     def exec_module(self, module):
         self.loader.exec_module(module)

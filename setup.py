@@ -34,7 +34,9 @@ class build_py_with_pth(build_py):
         self.copy_file(str(ROOT / PLUGIN_PTH), os.path.join(top, PLUGIN_PTH))
 
     def get_outputs(self, include_bytecode=True):
-        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, PLUGIN_PTH)]
+        # (editable: the file went straight into the wheel's tree, not into build_lib)
+        extra = [] if self.editable_mode else [os.path.join(self.build_lib, PLUGIN_PTH)]
+        return [*super().get_outputs(include_bytecode), *extra]
 
 
 def read_sources() -> dict[str, list[str]]:

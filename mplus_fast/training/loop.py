@@ -202,8 +202,9 @@ class StageRun:
         batch = obj.make_batch(rows, self.setup.pad_id)
         inputs: dict[int, torch.Tensor] = {}
         observe = (lambda l, x: inputs.__setitem__(l, x)) if st.retriever_weight else None
-        undo_ages = tm.reage_rows({written[i] for i in ep.fact_injections}, rng.random()) \
-            if retrieve and st.random_fact_age and rng.random() < st.random_fact_age else None
+        undo_ages = None
+        if retrieve and st.random_fact_age and rng.random() < st.random_fact_age:
+            undo_ages = tm.reage_rows({written[i] for i in ep.fact_injections}, quantile=rng.random())
         res = tm.read(batch.ids, batch.valid, retrieve=retrieve, query_mask=batch.query_mask, observe=observe)
         if undo_ages is not None:
             undo_ages()

@@ -150,24 +150,21 @@ class TrainableMPlus:
         `quantile` of the other retrievable rows' ages, per layer, their own order kept (one
         shift per layer). Ages only order the retrieved rows (SPEC §4, oldest first), so this
         moves the rows inside the retrieved block and nowhere else. Returns the undo."""
-        with torch.inference_mode():         # ages carry no graph; a memory written by inject_memory holds inference tensors
-            return self._reage_rows(injections, quantile)
-
-    def _reage_rows(self, injections, quantile: float):
         want = torch.tensor(sorted(injections), dtype=torch.int64)
         saved = []
-        for ltm, pend in zip(self.backend.store.ltm, self.backend.store.pend):
-            ages = [ltm.live("ages"), pend.live("ages")]
-            mine = [torch.isin(b.live("prov"), want.to(a.device)) for b, a in zip((ltm, pend), ages)]
-            own = torch.cat([a[m] for a, m in zip(ages, mine)])
-            rest = torch.cat([a[~m] for a, m in zip(ages, mine)])
-            if not own.numel() or not rest.numel():
-                continue
-            shift = int(torch.quantile(rest.double(), quantile).round()) - int(own.min())
-            for a, m in zip(ages, mine):
-                if bool(m.any()):
-                    saved.append((a, m, a[m].clone()))
-                    a[m] += shift
+        with torch.inference_mode():         # ages carry no graph; a memory written by inject_memory holds inference tensors
+            for ltm, pend in zip(self.backend.store.ltm, self.backend.store.pend):
+                ages = [ltm.live("ages"), pend.live("ages")]
+                mine = [torch.isin(b.live("prov"), want.to(a.device)) for b, a in zip((ltm, pend), ages)]
+                own = torch.cat([a[m] for a, m in zip(ages, mine)])
+                rest = torch.cat([a[~m] for a, m in zip(ages, mine)])
+                if not own.numel() or not rest.numel():
+                    continue
+                shift = int(torch.quantile(rest.double(), quantile).round()) - int(own.min())
+                for a, m in zip(ages, mine):
+                    if bool(m.any()):
+                        saved.append((a, m, a[m].clone()))
+                        a[m] += shift
 
         def undo() -> None:
             with torch.inference_mode():
