@@ -120,10 +120,12 @@ class Stage:
                                       # training passages, as `ship` flushes it): the episode's fact is the
                                       # only one in the memory, as in the retention evaluation
     fresh_memory_every: int = 50      # steps between refills of that prose memory (its rows follow the writer)
-    random_fact_age: float = 0.0      # share of retrieving reads before which the rows of the episode's facts take an age drawn
-                                      # among the other retrievable rows' (docs/training.md): where they land in
-                                      # the retrieved block (oldest first) then no longer tells the reader which
-                                      # rows hold the fact, as at evaluation, where rows injected later are younger
+    random_fact_age: float = 0.0      # share of retrieving reads before which the rows of the episode's facts are re-aged to a
+                                      # uniformly random place in the retrieved block (oldest first; docs/training.md):
+                                      # where they land then no longer tells the reader which rows hold the fact, as at
+                                      # evaluation, where rows injected after the fact are younger and come after it
+    random_fact_age_among: str = "retrieved"  # the rows that place is drawn among: "retrieved" (those the fact's
+                                      # questions retrieve, found by a first read) or "bank" (every retrievable row)
     trainable: list[str] | None = None  # weight groups this stage trains (default: model.trainable); e.g.
                                       # ["retriever"]: f_q/f_k alone, on forward passes only (cheap)
 
@@ -148,6 +150,7 @@ class Stage:
                  "must be 0 when fresh_memory is on (earlier steps' facts are not in a fresh memory)")
             need(not self.in_context, "in_context", "must be off when fresh_memory is on (nothing would be written)")
         need(0 <= self.random_fact_age <= 1, "random_fact_age", "must be a share between 0 and 1")
+        need(self.random_fact_age_among in ("retrieved", "bank"), "random_fact_age_among", 'must be "retrieved" or "bank"')
         if self.random_fact_age:
             need(self.retrieve > 0, "retrieve", "must be positive when random_fact_age is on (only retrieving reads use ages)")
             need(not self.in_context, "in_context", "must be off when random_fact_age is on (nothing is retrieved)")

@@ -204,7 +204,7 @@ class StageRun:
         observe = (lambda l, x: inputs.__setitem__(l, x)) if st.retriever_weight else None
         undo_ages = None
         if retrieve and st.random_fact_age and rng.random() < st.random_fact_age:
-            undo_ages = tm.reage_rows({written[i] for i in ep.fact_injections}, quantile=rng.random())
+            undo_ages = self.place_facts_at_random(batch, {written[i] for i in ep.fact_injections})
         res = tm.read(batch.ids, batch.valid, retrieve=retrieve, query_mask=batch.query_mask, observe=observe)
         if undo_ages is not None:
             undo_ages()
@@ -233,6 +233,19 @@ class StageRun:
             if count:
                 meter.add("recall", rec, count)
         return loss, tokens
+
+    def place_facts_at_random(self, batch: obj.ReadBatch, facts: set[int]):
+        """`random_fact_age`: the facts' rows moved to a uniformly random place in the retrieved
+        block, among the rows the questions about them retrieve (a first read without a graph
+        finds those; `random_fact_age_among = "bank"`: among every retrievable row instead).
+        Returns the undo."""
+        among = None
+        if self.stage.random_fact_age_among == "retrieved":
+            asking = torch.tensor([k == "qa" and int(s) in facts for k, s in zip(batch.kinds, batch.sources)])
+            if not bool(asking.any()):
+                return None
+            among = self.tm.retrieved_rows(batch.ids[asking], batch.valid[asking], batch.query_mask[asking])
+        return self.tm.place_rows(facts, slot=self.rng.random(), among=among)
 
     def start_from_prose_memory(self) -> None:
         """`fresh_memory`: make the memory one of prose only — training passages injected (no

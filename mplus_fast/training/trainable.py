@@ -145,32 +145,67 @@ class TrainableMPlus:
     def next_injection_id(self) -> int:
         return self.state.next_injection_id
 
-    def reage_rows(self, injections, quantile: float):
-        """Give the retrievable rows ([LTM; pending]) written by `injections` ages at the
-        `quantile` of the other retrievable rows' ages, per layer, their own order kept (one
-        shift per layer). Ages only order the retrieved rows (SPEC §4, oldest first), so this
-        moves the rows inside the retrieved block and nowhere else. Returns the undo."""
+    def retrieved_rows(self, ids: torch.Tensor, valid: torch.Tensor, query_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per layer, the [LTM; pending] rows (indices, distinct) that a read of these rows
+        retrieves, any row of the batch: a forward pass without a graph."""
+        with torch.no_grad():
+            res = self.backend.read(ids, valid, retrieve=True, query_mask=query_mask)
+        return [idx.reshape(-1).unique() for idx in res.ltm_indices]
+
+    def place_rows(self, injections, slot: float, among: list[torch.Tensor] | None = None):
+        """Re-age every layer's retrievable rows ([LTM; pending]) so that the rows written by
+        `injections` come after a share `slot` of the reference rows in the retrieved block
+        (oldest first, SPEC §4): slot 0 puts them before every reference row, slot 1 after. The
+        reference rows of layer l are the other rows of `among[l]` (row indices, e.g. the rows a
+        first read retrieved: `retrieved_rows`) or, with `among=None`, every other retrievable
+        row. The injections' rows keep their own order and every other row keeps its order (the
+        ages are rewritten with room between any two), so only the fact's place in the block
+        changes (ties in age are broken as a read breaks them). Ages order the retrieved rows and
+        nothing else a read does. Returns the undo."""
         want = torch.tensor(sorted(injections), dtype=torch.int64)
         saved = []
         with torch.inference_mode():         # ages carry no graph; a memory written by inject_memory holds inference tensors
-            for ltm, pend in zip(self.backend.store.ltm, self.backend.store.pend):
-                ages = [ltm.live("ages"), pend.live("ages")]
-                mine = [torch.isin(b.live("prov"), want.to(a.device)) for b, a in zip((ltm, pend), ages)]
-                own = torch.cat([a[m] for a, m in zip(ages, mine)])
-                rest = torch.cat([a[~m] for a, m in zip(ages, mine)])
-                if not own.numel() or not rest.numel():
+            for l, (ltm, pend) in enumerate(zip(self.backend.store.ltm, self.backend.store.pend)):
+                parts = [ltm.live("ages"), pend.live("ages")]
+                ages = torch.cat(parts).long()
+                mine = torch.isin(torch.cat([ltm.live("prov"), pend.live("prov")]), want.to(ages.device))
+                ref = ~mine
+                if among is not None:
+                    chosen = torch.zeros_like(mine)
+                    chosen[among[l].to(ages.device)] = True
+                    ref &= chosen
+                if not bool(mine.any()) or not bool(ref.any()):
                     continue
-                shift = int(torch.quantile(rest.double(), quantile).round()) - int(own.min())
-                for a, m in zip(ages, mine):
-                    if bool(m.any()):
-                        saved.append((a, m, a[m].clone()))
-                        a[m] += shift
+                new = self._ages_with_rows_placed(ages, mine, ref, slot)
+                start = 0
+                for a in parts:
+                    saved.append((a, a.clone()))
+                    a.copy_(new[start:start + a.numel()].to(a.dtype))
+                    start += a.numel()
 
         def undo() -> None:
             with torch.inference_mode():
-                for a, m, old in saved:
-                    a[m] = old
+                for a, old in saved:
+                    a.copy_(old)
         return undo
+
+    @staticmethod
+    def _ages_with_rows_placed(ages: torch.Tensor, mine: torch.Tensor, ref: torch.Tensor, slot: float) -> torch.Tensor:
+        """`place_rows`' arithmetic on one layer's ages. Every row first gets a distinct age in the
+        order a read places rows (oldest first, ties by ascending index: SPEC §3), spaced to leave
+        room for all of mine between any two; mine then go after `slot` of the reference rows."""
+        n, scale = ages.numel(), int(mine.sum()) + 1
+        order = torch.sort(-ages, stable=True).indices           # placement order over the whole bank
+        place = torch.empty_like(order)
+        place[order] = torch.arange(n, device=ages.device)
+        new = (n - place) * scale                                 # distinct, descending along the order
+        others = new[ref].sort(descending=True).values
+        before = min(int(slot * (others.numel() + 1)), others.numel())   # reference rows placed before mine
+        base = 1 if before == others.numel() else int(others[before]) + 1
+        rank = torch.empty_like(place[mine])
+        rank[place[mine].argsort()] = torch.arange(rank.numel() - 1, -1, -1, device=ages.device)   # my oldest highest
+        new[mine] = base + rank
+        return new
 
 
 # ---------------------------------------------------------------------- a model from scratch

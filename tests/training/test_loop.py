@@ -272,59 +272,81 @@ def test_fresh_memory_refuses_what_a_fresh_memory_cannot_hold(field, value):
         parse_config(tomllib.loads(text), None, text)
 
 
-def test_reage_rows_moves_a_fact_inside_the_retrieved_block_and_undoes(tmp_path):
-    """`random_fact_age`'s tool: the rows of chosen injections take an age among the other
-    retrievable rows' (quantile 1: the oldest, so they come first in the retrieved block, SPEC
-    §4; quantile 0: among the youngest, later in the block); the undo puts every age back. R
-    covers every retrievable row, so each layer's read holds the fact and its place is checked."""
+def _model_with_an_old_fact(tmp_path, num_ltm_blocks, injections):
     from mplus_fast.testing import make_random_checkpoint
     from mplus_fast.training.trainable import TrainableMPlus
     ckpt = make_random_checkpoint(tmp_path / "m", hidden_size=32, num_hidden_layers=2, num_tokens=4, num_blocks=6,
-                                  num_ltm_blocks=4, ltm_initial_size=0, update_ltm_frequency=1, vocab_size=64)
+                                  num_ltm_blocks=num_ltm_blocks, ltm_initial_size=0, update_ltm_frequency=1, vocab_size=64)
     model = mplus_fast.load(ckpt, backend="reference", seed=0)
-    tm = TrainableMPlus(model, ("adapters",))
     g = torch.Generator().manual_seed(0)
-    for _ in range(6):
+    for _ in range(injections):
         model.inject_memory(torch.randint(3, 64, (1, 4), generator=g), update_memory=True)
-    fact = 1                                             # an old injection, all its rows in [LTM; pending]
-    before = [(b.live("ages").clone(), p.live("ages").clone()) for b, p in zip(model.backend.store.ltm, model.backend.store.pend)]
-    query = torch.randint(3, 64, (1, 5), generator=g)
+    return model, TrainableMPlus(model, ("adapters",)), torch.randint(3, 64, (1, 5), generator=g)
 
-    def placement(quantile):
-        undo = tm.reage_rows({fact}, quantile)
-        st = tm.state
-        for l in range(len(st.ltm)):
-            ages, prov = torch.cat([st.ltm_ages[l], st.pend_ages[l]]), torch.cat([st.ltm_prov[l], st.pend_prov[l]])
-            own, rest = ages[prov == fact], ages[prov != fact]
-            assert own.numel() and rest.numel()
-            assert (own.min() >= rest.max()) if quantile == 1.0 else (own.min() == rest.min())
-        out = model(query, retrieve=True)
-        undo()
-        return [p[0].tolist() for p in out.ltm_provenance]
 
-    mean_place = {}
-    for quantile in (1.0, 0.0):
-        provs = placement(quantile)
-        assert all(fact in prov for prov in provs), "a layer's read lacks the fact: nothing checks its place"
-        if quantile == 1.0:
-            assert all(prov[0] == fact for prov in provs)
-        mean_place[quantile] = [sum(i for i, p in enumerate(prov) if p == fact) / prov.count(fact) for prov in provs]
-    assert all(late > early for early, late in zip(mean_place[1.0], mean_place[0.0]))
-    after = [(b.live("ages"), p.live("ages")) for b, p in zip(model.backend.store.ltm, model.backend.store.pend)]
+def _ages(model):
+    return [(b.live("ages").clone(), p.live("ages").clone()) for b, p in zip(model.backend.store.ltm, model.backend.store.pend)]
+
+
+def _placed_read(model, undo, query):
+    out = model(query, retrieve=True)
+    undo()
+    return [p[0].tolist() for p in out.ltm_provenance]
+
+
+def test_place_rows_among_the_bank_moves_a_fact_to_either_end_of_the_block_and_undoes(tmp_path):
+    """`random_fact_age_among = "bank"`: slot 0 puts the fact's rows before every other
+    retrievable row (first in the retrieved block, oldest first: SPEC §4), slot 1 after every
+    one (last); the undo puts every age back. R covers every retrievable row, so each layer's
+    read holds the fact and its place is checked."""
+    model, tm, query = _model_with_an_old_fact(tmp_path, num_ltm_blocks=4, injections=6)
+    fact, before = 2, _ages(model)                   # an old injection: its rows are in [LTM; pending]
+    for slot in (0.0, 1.0):
+        provs = _placed_read(model, tm.place_rows({fact}, slot), query)
+        for prov in provs:
+            assert fact in prov, "a layer's read lacks the fact: nothing checks its place"
+            at = [i for i, p in enumerate(prov) if p == fact]
+            assert at == (list(range(len(at))) if slot == 0.0 else list(range(len(prov) - len(at), len(prov)))), (slot, prov)
+    after = _ages(model)
     assert all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(before, after))
 
 
-def test_a_random_fact_age_stage_trains_and_is_refused_where_nothing_is_retrieved(tmp_path):
+@pytest.mark.parametrize("slot", [0.0, 0.3, 0.7, 1.0])
+def test_place_rows_among_the_retrieved_rows_puts_the_fact_at_its_slot_of_the_block(tmp_path, slot):
+    """`random_fact_age_among = "retrieved"`: a first read finds the rows the question retrieves;
+    the fact's rows then come after a share `slot` of the other rows of that block. At layer 0
+    the read's queries are the embeddings, so the second read retrieves the same rows and the
+    place is exact; the fact's rows stay together, the other rows keep their order."""
+    model, tm, query = _model_with_an_old_fact(tmp_path, num_ltm_blocks=2, injections=8)
+    natural = model(query, retrieve=True).ltm_provenance[0][0].tolist()
+    fact = max(set(natural), key=natural.count)      # the injection layer 0 retrieves most rows of
+    among = tm.retrieved_rows(query, torch.ones_like(query, dtype=torch.bool))
+    provs = _placed_read(model, tm.place_rows({fact}, slot, among=among), query)
+    layer0 = provs[0]
+    assert sorted(layer0) == sorted(natural), "the placement changed which rows layer 0 retrieves"
+    at = [i for i, p in enumerate(layer0) if p == fact]
+    assert at, "layer 0 retrieves no row of the fact: nothing checks its place"
+    others = len(layer0) - len(at)
+    assert others >= 2 and len(tm.bank(0)[1]) > len(layer0), "the block must hold other rows, the bank more than the block"
+    want = min(int(slot * (others + 1)), others)
+    assert at == list(range(want, want + len(at))), (slot, layer0)
+    assert [p for p in layer0 if p != fact] == [p for p in natural if p != fact]
+
+
+@pytest.mark.parametrize("among", ["retrieved", "bank"])
+def test_a_random_fact_age_stage_trains_and_is_refused_where_nothing_is_retrieved(tmp_path, among):
     import tomllib
 
     from mplus_fast.training.config import TrainConfigError
     stage = ('\n[[stage]]\nname = "aged"\nsteps = 2\naccumulate = 2\ninjections = 3\nfacts = 1\nretrieve = 1.0\n'
-             'retriever_weight = 1.0\nfresh_memory = true\nrandom_fact_age = 1.0\n')
+             f'retriever_weight = 1.0\nfresh_memory = true\nrandom_fact_age = 1.0\nrandom_fact_age_among = "{among}"\n')
     text = MICRO.format(steps=1, seed=0) + stage
     train(parse_config(tomllib.loads(text), None, text), out=tmp_path / "run", show=False)
     lines = [l for l in log_lines(tmp_path / "run") if l.get("stage") == "aged" and "loss" in l]
     assert lines and all(math.isfinite(l["loss"]) for l in lines)
-    for bad in ("retrieve = 0.0\nrandom_fact_age = 1.0\n", "random_fact_age = 1.0\nin_context = true\n"):
+    for bad, field in (("retrieve = 0.0\nrandom_fact_age = 1.0\n", "retrieve"),
+                       ("random_fact_age = 1.0\nin_context = true\n", "in_context"),
+                       ('random_fact_age = 1.0\nrandom_fact_age_among = "all"\n', "random_fact_age_among")):
         text = MICRO.format(steps=2, seed=0).replace("retrieve = 0.5\n", "") + bad
-        with pytest.raises(TrainConfigError, match="retrieve|in_context"):
+        with pytest.raises(TrainConfigError, match=field):
             parse_config(tomllib.loads(text), None, text)
