@@ -242,7 +242,7 @@ class StageRun:
         among = None
         if self.stage.random_fact_age_among == "retrieved":
             asking = torch.tensor([k == "qa" and int(s) in facts for k, s in zip(batch.kinds, batch.sources)])
-            if not bool(asking.any()):
+            if not bool(asking.any()):           # no row asks about the facts: no block to place them in
                 return None
             among = self.tm.retrieved_rows(batch.ids[asking], batch.valid[asking], batch.query_mask[asking])
         return self.tm.place_rows(facts, slot=self.rng.random(), among=among)

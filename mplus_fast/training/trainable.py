@@ -23,6 +23,7 @@ import torch
 from mplus_fast.config import MPlusConfig
 from mplus_fast.memory import MemoryState
 from mplus_fast.model import MPlus
+from mplus_fast.retrieval import order_by_age
 from mplus_fast.weights import SELECTORS, Weights, expected_weight_shapes
 
 # What each trainable group holds (see `parameter_groups`).
@@ -195,7 +196,7 @@ class TrainableMPlus:
         order a read places rows (oldest first, ties by ascending index: SPEC §3), spaced to leave
         room for all of mine between any two; mine then go after `slot` of the reference rows."""
         n, scale = ages.numel(), int(mine.sum()) + 1
-        order = torch.sort(-ages, stable=True).indices           # placement order over the whole bank
+        order = order_by_age(torch.arange(n, device=ages.device), ages)   # the read's placement order over the whole bank
         place = torch.empty_like(order)
         place[order] = torch.arange(n, device=ages.device)
         new = (n - place) * scale                                 # distinct, descending along the order
