@@ -128,6 +128,10 @@ class Stage:
                                       # questions retrieve, found by a first read) or "bank" (every retrievable row)
     trainable: list[str] | None = None  # weight groups this stage trains (default: model.trainable); e.g.
                                       # ["retriever"]: f_q/f_k alone, on forward passes only (cheap)
+    until_accuracy: float = 0.0       # 0: the stage is `steps` long. Else `steps` is its least length and it goes on, one log
+                                      # window (`log_every` steps) at a time, until the answers' exact-match rate over a window
+                                      # reaches this: when a circuit forms varies between CPUs (docs/training.md, "determinism")
+    step_limit: int = 0               # until_accuracy: the stage never runs past this many steps
 
     def validate(self, where: str) -> None:
         def need(cond: bool, name: str, why: str) -> None:
@@ -162,6 +166,14 @@ class Stage:
                  f"must be a non-empty list of {list(GROUPS)}")
             if self.trainable == ["retriever"]:
                 need(self.retriever_weight > 0, "retriever_weight", "must be positive when only the retriever trains")
+        need(0 <= self.until_accuracy <= 1, "until_accuracy", "must be an exact-match rate between 0 and 1")
+        if self.until_accuracy:
+            need(self.step_limit >= self.steps, "step_limit",
+                 f"must be at least steps={self.steps} when until_accuracy is on (the stage's longest length)")
+            need(self.qa_weight > 0 and (self.facts >= 1 or self.recall_questions >= 1), "until_accuracy",
+                 "needs questions to score (qa_weight > 0 and facts or recall_questions at least 1)")
+        else:
+            need(not self.step_limit, "step_limit", "is only for a stage with until_accuracy (its longest length)")
         need(self.distractors in ("prose", "random"), "distractors", "must be \"prose\" or \"random\"")
         need(0 < self.min_lr_ratio <= 1, "min_lr_ratio", "must be in (0, 1]")
         need(self.continuation_tokens >= 2, "continuation_tokens", "must be at least 2")

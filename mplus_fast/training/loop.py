@@ -298,31 +298,49 @@ def bucket(d: int) -> str:
 
 
 # ---------------------------------------------------------------------- the run
+def stage_ends(stage: Stage, step: int, accuracy: float | None) -> str | None:
+    """Why a stage ends at a log line after `step` steps (None: it goes on). `accuracy` is the
+    answers' exact-match rate over the log window just ended (None: no question was scored)."""
+    if step < stage.steps:
+        return None
+    if not stage.until_accuracy:
+        return "steps"
+    if accuracy is not None and accuracy >= stage.until_accuracy:
+        return f"answers {accuracy:.3f} >= until_accuracy {stage.until_accuracy}"
+    return "step_limit" if step >= stage.step_limit else None
+
+
 def run_stage(setup: Setup, index: int, model: MPlus, trainer: dict | None, max_steps: int | None, log) -> MPlus:
     stage = setup.config.stages[index]
     run = StageRun(setup, stage, index, model, trainer)
     stage_dir = setup.out / stage.name
     cfg = setup.config
     meter, t_log, tok_log = Meter(), time.perf_counter(), 0
-    end = stage.steps if max_steps is None else min(stage.steps, max_steps)
+    longest = stage.step_limit if stage.until_accuracy else stage.steps
+    end = longest if max_steps is None else min(longest, max_steps)
+    ended = None
     with log.progress(stage, run.step, stage.steps) as bar:
-        while run.step < end:
+        while run.step < end and ended is None:
             tok_log += run.one_step(meter)
             run.step += 1
-            if run.step % cfg.log_every == 0 or run.step == end:
+            if run.step % cfg.log_every == 0 or run.step in (end, stage.steps):
                 dt = time.perf_counter() - t_log
-                line = {"stage": stage.name, "step": run.step, **{k: round(v, 5) for k, v in meter.means().items()},
+                means = meter.means()
+                line = {"stage": stage.name, "step": run.step, **{k: round(v, 5) for k, v in means.items()},
                         "tokens_per_s": round(tok_log / max(dt, 1e-9), 1), "lr": run.opt.param_groups[0]["lr"]}
                 log.write(line)
                 bar.update(run.step, line)
                 meter, t_log, tok_log = Meter(), time.perf_counter(), 0
+                ended = stage_ends(stage, run.step, means.get("qa_acc"))
+                if ended and stage.until_accuracy:
+                    log.write({"stage": stage.name, "step": run.step, "ended": ended})
             if cfg.monitor.every and run.step % cfg.monitor.every == 0:
                 log.write({"stage": stage.name, "step": run.step, "monitor": setup.monitor(model)})
-            if run.step % cfg.checkpoint_every == 0 and run.step < stage.steps:
+            if run.step % cfg.checkpoint_every == 0 and ended is None:
                 save_checkpoint(stage_dir / f"step-{run.step:06d}", model, setup.tokenizer_file, run.trainer_state())
                 for old in checkpoints(stage_dir)[:-cfg.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
-    if run.step >= stage.steps:
+    if ended is not None:
         save_checkpoint(stage_dir / "final", model, setup.tokenizer_file, run.trainer_state())
     else:  # --max-steps stopped the stage early: a resumable checkpoint
         save_checkpoint(stage_dir / f"step-{run.step:06d}", model, setup.tokenizer_file, run.trainer_state())

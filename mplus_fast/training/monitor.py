@@ -5,8 +5,11 @@ the model's generator too, so monitoring does not change the run."""
 from __future__ import annotations
 
 import random
+import warnings
 
 import torch
+
+from mplus_fast.inputs import ShortInjectionWarning
 
 from mplus_fast.training.facts import FactSource, draw_facts
 from mplus_fast.training.vocab import Codec
@@ -29,8 +32,17 @@ class RetentionMonitor:
 
     @torch.no_grad()
     def __call__(self, model) -> dict:
-        saved_state, saved_gen = model.backend.state, model.generator.get_state()
         hits = {(d, r): 0 for d in self.distances for r in (False, True)}
+        # the passages are cut at word ends to the model's T tokens, so most are a little under the
+        # 16 the authors ask for: by design here, not a user's mistake to warn about
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ShortInjectionWarning)
+            self.count_hits(model, hits)
+        n = len(self.items)
+        return {f"{'mplus' if r else 'stm'}@{d}": round(h / n, 4) for (d, r), h in hits.items()}
+
+    def count_hits(self, model, hits: dict) -> None:
+        saved_state, saved_gen = model.backend.state, model.generator.get_state()
         try:
             for ctx, dis, q, answer in self.items:
                 model.backend.state = saved_state.clone()
@@ -46,5 +58,3 @@ class RetentionMonitor:
                         hits[(d, r)] += normalise(text) == normalise(answer)
         finally:
             model.backend.state, _ = saved_state, model.generator.set_state(saved_gen)
-        n = len(self.items)
-        return {f"{'mplus' if r else 'stm'}@{d}": round(h / n, 4) for (d, r), h in hits.items()}

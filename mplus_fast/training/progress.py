@@ -37,7 +37,7 @@ class RunLog:
                 TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
         with Progress(*cols, console=self.console) as prog:
             task = prog.add_task(stage.name, total=total, completed=start, info="")
-            yield _Bar(prog, task)
+            yield _Bar(prog, task, total)
 
 
 def summary(line: dict) -> str:
@@ -51,11 +51,12 @@ def summary(line: dict) -> str:
 
 
 class _Bar:
-    def __init__(self, prog, task):
-        self.prog, self.task = prog, task
+    def __init__(self, prog, task, total: int):
+        self.prog, self.task, self.total = prog, task, total
 
     def update(self, step: int, line: dict) -> None:
-        self.prog.update(self.task, completed=step, info=summary(line))
+        self.total = max(step, self.total)   # an until_accuracy stage may run past `steps`
+        self.prog.update(self.task, completed=step, total=self.total, info=summary(line))
 
 
 class _Silent:

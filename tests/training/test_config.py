@@ -50,6 +50,8 @@ def test_the_base_config_parses():
     (("stage", 0, "trainable"), [], "stage[1].trainable=[] must be a non-empty list of"),
     (("stage", 0, "trainable"), ["retriever"], "stage[1].retriever_weight=0.0 must be positive when only the retriever"),
     (("epochs",), 3, "unknown field(s) ['epochs']"),
+    (("stage", 0, "until_accuracy"), 1.5, "stage[1].until_accuracy=1.5 must be an exact-match rate between 0 and 1"),
+    (("stage", 0, "step_limit"), 40, "stage[1].step_limit=40 is only for a stage with until_accuracy"),
 ])
 def test_bad_fields_are_named(path, value, message):
     with pytest.raises(TrainConfigError) as err:
@@ -95,3 +97,17 @@ def test_bad_data_files_name_the_line(tmp_path):
     data.write_text(json.dumps({"context": " ".join(["w"] * 20), "question": "q?", "answer": "x", "id": "long"}) + "\n")
     with pytest.raises(ValueError, match=r"record 'long' context has 20 tokens, more than the 8 allowed"):
         RecordSource.from_jsonl(data, Codec(), max_context_tokens=8)
+
+
+def test_until_accuracy_needs_a_limit_past_steps_and_questions_to_score():
+    def stage(**fields):
+        return parse_config(with_(("stage",), [{"name": "a", "steps": 10, **fields}])).stages[0]
+    assert stage(until_accuracy=0.9, step_limit=10).step_limit == 10
+    with pytest.raises(TrainConfigError, match=r"stage\[1\].step_limit=0 must be at least steps=10"):
+        stage(until_accuracy=0.9)
+    with pytest.raises(TrainConfigError, match=r"stage\[1\].step_limit=5 must be at least steps=10"):
+        stage(until_accuracy=0.9, step_limit=5)
+    with pytest.raises(TrainConfigError, match=r"stage\[1\].until_accuracy=0.9 needs questions to score"):
+        stage(until_accuracy=0.9, step_limit=20, facts=0)
+    with pytest.raises(TrainConfigError, match=r"stage\[1\].until_accuracy=0.9 needs questions to score"):
+        stage(until_accuracy=0.9, step_limit=20, qa_weight=0.0, repeat_weight=1.0)

@@ -350,3 +350,80 @@ def test_a_random_fact_age_stage_trains_and_is_refused_where_nothing_is_retrieve
         text = MICRO.format(steps=2, seed=0).replace("retrieve = 0.5\n", "") + bad
         with pytest.raises(TrainConfigError, match=field):
             parse_config(tomllib.loads(text), None, text)
+
+
+UNTIL = {"steps": 10, "until_accuracy": 0.9, "step_limit": 30}
+
+
+@pytest.mark.parametrize("step, accuracy, fields, why", [
+    (9, 1.0, UNTIL, None),                       # never before `steps`, however good the answers
+    (10, 0.95, UNTIL, "answers 0.950 >= until_accuracy 0.9"),
+    (10, 0.5, UNTIL, None),                      # below the target: the stage goes on
+    (20, None, UNTIL, None),                     # a window without questions decides nothing
+    (30, 0.5, UNTIL, "step_limit"),
+    (10, 0.0, {"steps": 10}, "steps"),           # a plain stage ends at `steps`
+])
+def test_stage_ends_at_steps_then_at_the_target_accuracy_or_the_limit(step, accuracy, fields, why):
+    from mplus_fast.training.config import Stage
+    from mplus_fast.training.loop import stage_ends
+    assert stage_ends(Stage(name="s", **fields), step, accuracy) == why
+
+
+def _until(steps: int, until: float, limit: int):
+    import tomllib
+    text = MICRO.format(steps=steps, seed=0).replace("accumulate = 1\n", f"accumulate = 1\nuntil_accuracy = {until}\nstep_limit = {limit}\n")
+    return parse_config(tomllib.loads(text), None, text)
+
+
+def test_an_until_accuracy_stage_runs_past_steps_to_its_limit_and_resumes_there(tmp_path):
+    # a micro model never answers every question: the stage runs one log window at a time to its limit
+    straight = train(_until(10, 1.0, 30), out=tmp_path / "a", show=False)
+    assert straight.name == "final"
+    lines = log_lines(tmp_path / "a")
+    assert [l["step"] for l in lines if "loss" in l] == [10, 20, 30]
+    assert lines[-1] == {"stage": "one", "step": 30, "ended": "step_limit"}
+    assert all(l["qa_acc"] < 1.0 for l in lines if "qa_acc" in l)
+    # stopped inside the extension, then resumed: the same weights as in one go
+    part = train(_until(10, 1.0, 30), out=tmp_path / "b", max_steps=20, show=False)
+    assert part.name == "step-000020"
+    resumed = weights(train(_until(10, 1.0, 30), out=tmp_path / "b", resume=True, show=False))
+    wa = weights(straight)
+    assert all(torch.equal(resumed[k], wa[k]) for k in wa), "a resumed extension must equal an uninterrupted one"
+
+
+def test_an_until_accuracy_stage_stops_at_the_first_window_that_reaches_its_target(tmp_path, monkeypatch):
+    from mplus_fast.training import loop
+    real, reads = loop.obj.answer_exact, []
+
+    def right_from_the_16th_read(logits, targets, rows):   # accumulate = 1: one scored read per step
+        reads.append(1)
+        got = real(logits, targets, rows)
+        return torch.full_like(got, len(reads) > 15)
+    monkeypatch.setattr(loop.obj, "answer_exact", right_from_the_16th_read)
+    final = train(_until(10, 0.9, 60), out=tmp_path / "run", show=False)
+    lines = log_lines(tmp_path / "run")
+    windows = [l["qa_acc"] for l in lines if "qa_acc" in l]
+    assert len(windows) == 3 and windows[0] == 0.0 and 0.0 < windows[1] < 0.9 and windows[2] == 1.0, windows
+    assert lines[-1] == {"stage": "one", "step": 30, "ended": "answers 1.000 >= until_accuracy 0.9"}
+    assert final.name == "final" and len(reads) == 30
+
+
+def test_the_monitor_logs_retention_quietly_and_leaves_the_run_unchanged(tmp_path):
+    import tomllib
+    import warnings
+
+    from mplus_fast.inputs import ShortInjectionWarning
+    text = MICRO.format(steps=10, seed=0).replace("[[stage]]", "[monitor]\nevery = 5\nfacts = 2\ndistances = [0, 3]\n\n[[stage]]")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched = train(parse_config(tomllib.loads(text), None, text), out=tmp_path / "watched", show=False)
+    # the monitor's passages are cut to T = 12 tokens, under the 16 the warning asks for: expected, not shown
+    assert not [w for w in caught if issubclass(w.category, ShortInjectionWarning)]
+    monitored = [l for l in log_lines(tmp_path / "watched") if "monitor" in l]
+    assert [l["step"] for l in monitored] == [5, 10]
+    assert set(monitored[0]["monitor"]) == {"stm@0", "mplus@0", "stm@3", "mplus@3"}
+    assert all(0.0 <= v <= 1.0 for l in monitored for v in l["monitor"].values())
+    # monitoring restores the memory and the generator: the same weights as a run without it
+    plain = weights(train(config(10), out=tmp_path / "plain", show=False))
+    wm = weights(watched)
+    assert all(torch.equal(wm[k], plain[k]) for k in plain), "the monitor must not change the run"
