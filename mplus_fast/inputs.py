@@ -8,6 +8,7 @@ that are easy to make with M+ in particular get their own explanation: a leading
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -22,6 +23,15 @@ DEVICE_TYPES = ("cpu", "cuda")
 
 class ShortInjectionWarning(UserWarning):
     """An injection shorter than MIN_CONTEXT_TOKENS tokens (valid, but mostly old memory re-encoded)."""
+
+
+@contextlib.contextmanager
+def short_injections_expected():
+    """For the package's own callers whose injections are short by design (the training and
+    evaluation passages, cut at word ends to the model's T tokens): the warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShortInjectionWarning)
+        yield
 
 
 class IgnoredOptionWarning(UserWarning):

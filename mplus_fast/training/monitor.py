@@ -5,11 +5,10 @@ the model's generator too, so monitoring does not change the run."""
 from __future__ import annotations
 
 import random
-import warnings
 
 import torch
 
-from mplus_fast.inputs import ShortInjectionWarning
+from mplus_fast.inputs import short_injections_expected
 
 from mplus_fast.training.facts import FactSource, draw_facts
 from mplus_fast.training.vocab import Codec
@@ -35,8 +34,7 @@ class RetentionMonitor:
         hits = {(d, r): 0 for d in self.distances for r in (False, True)}
         # the passages are cut at word ends to the model's T tokens, so most are a little under the
         # 16 the authors ask for: by design here, not a user's mistake to warn about
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ShortInjectionWarning)
+        with short_injections_expected():
             self.count_hits(model, hits)
         n = len(self.items)
         return {f"{'mplus' if r else 'stm'}@{d}": round(h / n, 4) for (d, r), h in hits.items()}

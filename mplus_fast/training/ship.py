@@ -18,14 +18,13 @@ import random
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from mplus_fast.checkpoint import load_checkpoint
-from mplus_fast.inputs import ShortInjectionWarning
+from mplus_fast.inputs import short_injections_expected
 from mplus_fast.model import MPlus
 
 DISTANCES = (0, 8, 32, 64)
@@ -44,8 +43,7 @@ def flush_memory(model, passage: Callable[[], list[int]]) -> int:
     `fresh_memory` stages. The passages are prose cut at sentence ends, often under T tokens, so
     the short-injection warning is expected here and not shown."""
     n = injections_kept(model.config) + 1
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ShortInjectionWarning)
+    with torch.no_grad(), short_injections_expected():
         for _ in range(n):
             model.inject_memory(torch.tensor(passage(), dtype=torch.int64), update_memory=True)
     return n
@@ -81,8 +79,9 @@ def retention_table(folder: Path, facts: int, distances=DISTANCES, seed: int = 0
     source = session.ModelSource.from_pretrained(folder, backend="fast", seed=seed)
     settings = retention.Settings(distances=tuple(distances), modes=("mplus", "stm"), max_new_tokens=8)
     t0 = time.perf_counter()
-    result = retention.run(source, load_tokenizer(None, folder), list(read_jsonl(data)), settings,
-                           out=work / "eval", progress=True)
+    with short_injections_expected():   # the held-out passages are cut to T tokens at word ends
+        result = retention.run(source, load_tokenizer(None, folder), list(read_jsonl(data)), settings,
+                               out=work / "eval", progress=True)
     table = {"facts": facts, "seed": seed, "metric": "exact answer (SQuAD-normalised EM, greedy, 8 tokens)",
              "eval_seconds": round(time.perf_counter() - t0, 1), "stm": {}, "mplus": {}, "recall_any_layer": {},
              "recall_by_layer": {}, "tokens_per_distance": {}}
