@@ -9,7 +9,6 @@ import random
 import torch
 
 from mplus_fast.inputs import short_injections_expected
-
 from mplus_fast.training.facts import FactSource, draw_facts
 from mplus_fast.training.vocab import Codec
 
@@ -30,17 +29,10 @@ class RetentionMonitor:
             self.items.append((ctx, dis, codec.encode(fact.question), fact.answer))
 
     @torch.no_grad()
+    @short_injections_expected()   # its passages are cut at word ends to T tokens: short by design
     def __call__(self, model) -> dict:
-        hits = {(d, r): 0 for d in self.distances for r in (False, True)}
-        # the passages are cut at word ends to the model's T tokens, so most are a little under the
-        # 16 the authors ask for: by design here, not a user's mistake to warn about
-        with short_injections_expected():
-            self.count_hits(model, hits)
-        n = len(self.items)
-        return {f"{'mplus' if r else 'stm'}@{d}": round(h / n, 4) for (d, r), h in hits.items()}
-
-    def count_hits(self, model, hits: dict) -> None:
         saved_state, saved_gen = model.backend.state, model.generator.get_state()
+        hits = {(d, r): 0 for d in self.distances for r in (False, True)}
         try:
             for ctx, dis, q, answer in self.items:
                 model.backend.state = saved_state.clone()
@@ -56,3 +48,5 @@ class RetentionMonitor:
                         hits[(d, r)] += normalise(text) == normalise(answer)
         finally:
             model.backend.state, _ = saved_state, model.generator.set_state(saved_gen)
+        n = len(self.items)
+        return {f"{'mplus' if r else 'stm'}@{d}": round(h / n, 4) for (d, r), h in hits.items()}
